@@ -1,0 +1,202 @@
+"""One lane of the ring: a single-producer single-consumer byte ring.
+
+A lane is a control block (``tail`` written only by its producer, ``head``
+written only by its consumer, on separate cache lines) and ``size`` bytes of
+data, a power of two. ``head`` and ``tail`` are byte positions that only grow
+(64-bit: they never wrap in practice); the offset in the data is
+``position & (size - 1)``.
+
+A record is a 16-byte header (body length, event id, flags, raise time in ns)
+followed by the body, padded to 8 bytes. A record never straddles the end of
+the data: when it does not fit, the producer writes a header with
+``FLAG_WRAP`` (or, when fewer than 16 bytes remain, nothing: the consumer
+knows such a tail end is padding) and starts again at offset 0.
+
+Why a reader never sees a half-written record
+---------------------------------------------
+The producer writes the header and body first and publishes the new ``tail``
+last, with one aligned 8-byte store (a ``memoryview`` cast to ``Q``: CPython
+copies the item with a single ``memcpy`` of 8 bytes, which compilers emit as
+one ``mov``/``str``; ``struct``'s ``<Q`` would store byte by byte and could be
+seen torn). The consumer reads ``tail`` first and only then the bytes below
+it.
+
+* x86-64 is TSO: stores become visible to other cores in program order, and
+  loads are not reordered with older loads. A consumer that sees the new
+  ``tail`` therefore sees every byte written before it.
+* aarch64 (and other weakly ordered machines) may reorder stores. There the
+  producer passes a full fence between the record and the tail store, and the
+  consumer one between the tail load and the record loads. Pure Python has no
+  fence instruction, but acquiring and releasing a ``threading.Lock`` is one:
+  it is built on the C library's atomic operations with acquire and release
+  semantics (``stlr`` then ``ldaxr`` on aarch64, which ARMv8 keeps in order).
+  On x86-64 the fence is skipped (:data:`NEEDS_FENCE` is false).
+
+A producer killed at any instruction either published its ``tail`` (the whole
+record is there) or did not (the record does not exist); the next owner of
+the lane continues from the published ``tail``. The consumer publishes
+``head`` after it has copied what it read, so the producer never overwrites
+bytes still being read.
+"""
+
+from __future__ import annotations
+
+import platform
+import threading
+from collections.abc import Iterator
+
+from .layout import (
+    FLAG_WRAP,
+    L_HEAD,
+    L_TAIL,
+    RECORD_HEADER,
+    RECORD_HEADER_BYTES,
+)
+
+#: Machines whose store order (TSO) makes "publish tail last" sufficient.
+TSO_MACHINES = frozenset({"x86_64", "amd64", "AMD64", "i686", "i386"})
+NEEDS_FENCE = platform.machine() not in TSO_MACHINES
+_fence_lock = threading.Lock()
+
+
+def fence() -> None:
+    """A full memory barrier, for weakly ordered machines (see module doc)."""
+    _fence_lock.acquire()
+    _fence_lock.release()
+
+
+def record_span(body_len: int) -> int:
+    """Bytes a record with ``body_len`` bytes of body takes in the lane."""
+    return (RECORD_HEADER_BYTES + body_len + 7) & ~7
+
+
+def max_body(lane_size: int) -> int:
+    """The largest body that can ever fit: one record may take the whole lane."""
+    return lane_size - RECORD_HEADER_BYTES
+
+
+class LaneWriter:
+    """The producer end of a lane. Only one process (and thread) uses it at once."""
+
+    __slots__ = (
+        "_base",
+        "_buf",
+        "_head_word",
+        "_mask",
+        "_pack",
+        "_q",
+        "_size",
+        "_tail_word",
+        "tail",
+    )
+
+    def __init__(self, buf: memoryview, words: memoryview, ctl_word: int, data_at: int, size: int):
+        self._buf = buf
+        self._q = words
+        self._tail_word = ctl_word + L_TAIL
+        self._head_word = ctl_word + L_HEAD
+        self._base = data_at
+        self._size = size
+        self._mask = size - 1
+        self._pack = RECORD_HEADER.pack_into
+        # The producer is the only writer of tail, so it keeps its own copy;
+        # it starts from what a previous (possibly dead) owner published.
+        self.tail = words[self._tail_word]
+
+    def push(self, event_id: int, body: bytes, raised_ns: int, flags: int = 0) -> bool:
+        """Append one record; False (and nothing written) when the lane is full."""
+        n = len(body)
+        span = (RECORD_HEADER_BYTES + n + 7) & ~7
+        tail = self.tail
+        off = tail & self._mask
+        to_end = self._size - off
+        need = span if span <= to_end else to_end + span
+        if tail + need - self._q[self._head_word] > self._size:
+            return False
+        if span > to_end:
+            if to_end >= RECORD_HEADER_BYTES:
+                self._pack(self._buf, self._base + off, 0, 0, FLAG_WRAP, 0)
+            tail += to_end
+            off = 0
+        at = self._base + off
+        self._pack(self._buf, at, n, event_id, flags, raised_ns)
+        if n:
+            at += RECORD_HEADER_BYTES
+            self._buf[at : at + n] = body
+        tail += span
+        self.tail = tail
+        if NEEDS_FENCE:
+            fence()
+        self._q[self._tail_word] = tail  # publish: the record is complete
+        return True
+
+    def used(self) -> int:
+        return self.tail - self._q[self._head_word]
+
+
+class LaneReader:
+    """The consumer end of a lane. Only one sender drains a lane at a time."""
+
+    __slots__ = (
+        "_base",
+        "_buf",
+        "_head_word",
+        "_mask",
+        "_q",
+        "_size",
+        "_tail_word",
+        "_unpack",
+        "head",
+    )
+
+    def __init__(self, buf: memoryview, words: memoryview, ctl_word: int, data_at: int, size: int):
+        self._buf = buf
+        self._q = words
+        self._tail_word = ctl_word + L_TAIL
+        self._head_word = ctl_word + L_HEAD
+        self._base = data_at
+        self._size = size
+        self._mask = size - 1
+        self._unpack = RECORD_HEADER.unpack_from
+        # Resume from the last committed position (a respawned sender).
+        self.head = words[self._head_word]
+
+    def pending(self) -> bool:
+        return self._q[self._tail_word] != self.head
+
+    def read(self, limit: int) -> Iterator[tuple[int, memoryview, int]]:
+        """Yield up to ``limit`` records as (event id, body view, raise ns).
+
+        The body views point into the lane: use them before :meth:`commit`,
+        which hands their bytes back to the producer.
+        """
+        tail = self._q[self._tail_word]  # read tail before any byte below it
+        if NEEDS_FENCE:
+            fence()
+        head = self.head
+        buf = self._buf
+        base = self._base
+        mask = self._mask
+        size = self._size
+        unpack = self._unpack
+        while head < tail and limit > 0:
+            off = head & mask
+            to_end = size - off
+            if to_end < RECORD_HEADER_BYTES:
+                head += to_end
+                continue
+            n, event_id, flags, raised_ns = unpack(buf, base + off)
+            if flags & FLAG_WRAP:
+                head += to_end
+                continue
+            at = base + off + RECORD_HEADER_BYTES
+            self.head = head = head + ((RECORD_HEADER_BYTES + n + 7) & ~7)
+            limit -= 1
+            yield event_id, buf[at : at + n], raised_ns
+        self.head = head
+
+    def commit(self) -> None:
+        """Publish ``head``: everything read so far may be overwritten."""
+        if NEEDS_FENCE:
+            fence()  # our loads of the bodies complete before the producer reuses them
+        self._q[self._head_word] = self.head

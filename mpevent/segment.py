@@ -1,0 +1,197 @@
+"""The shared-memory segment: create, attach, map, claim lanes, remove.
+
+Two kinds of segment, one layout (:mod:`mpevent.layout`):
+
+* **anonymous** (embedded mode): a ``memfd`` that only processes forked from
+  its creator can see. It has no name, so nothing can be left in
+  ``/dev/shm`` even when every process is killed with SIGKILL.
+* **named** (daemon mode): ``/dev/shm/<name>``, so unrelated processes can
+  attach. The creator removes it on close.
+
+Both are created with mode 0600. We map the file ourselves instead of using
+``multiprocessing.shared_memory``: on Python 3.11 that registers even attached
+segments with the resource tracker, which unlinks them when the attaching
+process exits.
+
+Lane ownership is a POSIX record lock (``lockf``) on byte ``lane`` of the
+segment file. The kernel drops it when the owner dies, it is not inherited by
+``fork`` (a child must claim its own lane), and claiming is rare, so this is
+the one lock mpevent takes across processes, never on the fast path.
+Beware of POSIX lock semantics: closing *any* descriptor of the file drops
+all of the process's locks on it, so a process keeps exactly one descriptor
+per segment open.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import mmap
+import os
+import time
+from pathlib import Path
+
+from .layout import (
+    H_CREATED_NS,
+    H_LANE_SIZE,
+    H_LANES,
+    H_MAGIC,
+    H_MAX_EVENTS,
+    H_MAX_SUBS,
+    H_SENDERS,
+    H_TABLE_BYTES,
+    H_VERSION,
+    L_CLAIMS,
+    L_OWNER_PID,
+    L_OWNER_START,
+    LAYOUT_VERSION,
+    MAGIC,
+    Geometry,
+    Layout,
+)
+
+SHM_DIR = Path("/dev/shm")
+SEGMENT_MODE = 0o600
+
+
+class SegmentError(RuntimeError):
+    """The segment cannot be created or attached (names the reason)."""
+
+
+def shm_path(name: str) -> Path:
+    if not name or "/" in name or name in (".", "..") or len(name) > 200:
+        raise ValueError(f"invalid segment name {name!r}: use a short name without '/'")
+    return SHM_DIR / name
+
+
+class Segment:
+    """One process's mapping of a segment."""
+
+    def __init__(self, fd: int, layout: Layout, name: str | None, owner: bool):
+        self.fd = fd
+        self.layout = layout
+        self.name = name
+        self.owner = owner
+        self._mmap = mmap.mmap(fd, layout.size)
+        self.buf = memoryview(self._mmap)
+        self.words = self.buf.cast("Q")
+        self._closed = False
+
+    @classmethod
+    def create(cls, geometry: Geometry, name: str | None = None) -> Segment:
+        layout = Layout.of(geometry)
+        if name is None:
+            fd = os.memfd_create("mpevent", os.MFD_CLOEXEC)
+        else:
+            path = shm_path(name)
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, SEGMENT_MODE)
+            except FileExistsError:
+                raise SegmentError(f"segment {path} already exists") from None
+        try:
+            os.fchmod(fd, SEGMENT_MODE)
+            os.ftruncate(fd, layout.size)
+            seg = cls(fd, layout, name, owner=True)
+        except BaseException:
+            os.close(fd)
+            if name is not None:
+                shm_path(name).unlink(missing_ok=True)
+            raise
+        w = seg.words
+        w[H_VERSION] = LAYOUT_VERSION
+        w[H_LANES] = geometry.lanes
+        w[H_LANE_SIZE] = geometry.lane_size
+        w[H_SENDERS] = geometry.senders
+        w[H_MAX_EVENTS] = geometry.max_events
+        w[H_MAX_SUBS] = geometry.max_subs
+        w[H_TABLE_BYTES] = geometry.table_bytes
+        w[H_CREATED_NS] = time.monotonic_ns()
+        w[H_MAGIC] = MAGIC  # last: an attacher that sees it sees the geometry
+        return seg
+
+    @classmethod
+    def attach(cls, name: str) -> Segment:
+        path = shm_path(name)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise SegmentError(f"no segment {path}: is 'mpevent serve' running?") from None
+        try:
+            size = os.fstat(fd).st_size
+            if size < 4096:
+                raise SegmentError(f"segment {path} is too small ({size} bytes)")
+            with mmap.mmap(fd, 4096) as head:
+                words = memoryview(head).cast("Q")
+                try:
+                    magic, version = words[H_MAGIC], words[H_VERSION]
+                    geometry = Geometry(
+                        lanes=words[H_LANES],
+                        lane_size=words[H_LANE_SIZE],
+                        senders=words[H_SENDERS],
+                        max_events=words[H_MAX_EVENTS],
+                        max_subs=words[H_MAX_SUBS],
+                        table_bytes=words[H_TABLE_BYTES],
+                    )
+                finally:
+                    words.release()
+            if magic != MAGIC or version != LAYOUT_VERSION:
+                raise SegmentError(f"{path} is not an mpevent segment of layout {LAYOUT_VERSION}")
+            layout = Layout.of(geometry)
+            if layout.size != size:
+                raise SegmentError(f"segment {path} is {size} bytes, its header says {layout.size}")
+            return cls(fd, layout, name, owner=False)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    # -- lanes ------------------------------------------------------------
+
+    def claim_lane(self, pid: int, start_time: int) -> int | None:
+        """Take the first free lane for this process; None when all are owned."""
+        for lane in range(self.layout.geometry.lanes):
+            try:
+                fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, lane)
+            except OSError as exc:
+                if exc.errno in (errno.EACCES, errno.EAGAIN):
+                    continue
+                raise
+            w = self.layout.lane_word(lane)
+            self.words[w + L_OWNER_PID] = pid
+            self.words[w + L_OWNER_START] = start_time
+            self.words[w + L_CLAIMS] += 1
+            return lane
+        return None
+
+    def lane_is_owned(self, lane: int) -> bool:
+        """Whether a live process holds ``lane`` (probe without keeping it)."""
+        try:
+            fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, lane)
+        except OSError as exc:
+            if exc.errno in (errno.EACCES, errno.EAGAIN):
+                return True
+            raise
+        fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, lane)
+        return False
+
+    # -- lifetime ---------------------------------------------------------
+
+    def close(self) -> None:
+        """Unmap and close; the creator of a named segment also removes it."""
+        if self._closed:
+            return
+        self._closed = True
+        self.words.release()
+        self.buf.release()
+        try:
+            self._mmap.close()
+        except BufferError:
+            # Someone still holds a view (a producer handle); the mapping goes
+            # away with the process. The descriptor and the name do not wait.
+            pass
+        os.close(self.fd)
+        if self.owner and self.name is not None:
+            self.unlink()
+
+    def unlink(self) -> None:
+        if self.name is not None:
+            shm_path(self.name).unlink(missing_ok=True)
