@@ -1,0 +1,337 @@
+"""The hub: the control process, supervising senders in the style of gunicorn's arbiter.
+
+One loop, in one process. Signals only append to a queue and wake the loop
+through a pipe (``signal.set_wakeup_fd``); the loop then:
+
+* answers MI requests on its datagram sockets (:mod:`mpevent.mi`);
+* publishes registry changes to the segment (:mod:`mpevent.table`) and rings
+  the senders so they reload at once;
+* expires subscriptions on time;
+* reaps senders that died and starts new ones (they resume their lanes from
+  the committed ``head``);
+* in embedded mode, stops when the process that created the bus is gone.
+
+Stopping (SIGTERM, SIGINT in daemon mode, or the creator going away): the
+producers' probe is cleared so new events are refused at once, the senders
+drain what the ring holds (bounded by ``drain_timeout``) and exit, then the
+hub removes its sockets; the segment goes with its creator.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import select
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import psutil
+
+from . import mi, stats, table
+from .destination import Destination
+from .layout import (
+    H_DRAIN_DEADLINE_NS,
+    H_HUB_PID,
+    H_STATE,
+    STATE_RUNNING,
+    STATE_STOPPED,
+    STATE_STOPPING,
+)
+from .producer import Producer
+from .registry import Registry
+from .segment import Segment
+from .sender import DEFAULT_BACKLOG, Sender
+from .wakeup import Doorbell
+
+log = logging.getLogger("mpevent.hub")
+
+RESPAWN_DELAY = 0.1
+LOOP_TIMEOUT = 0.5
+
+
+@dataclass
+class HubOptions:
+    backlog: int = DEFAULT_BACKLOG
+    drain_timeout: float = 5.0
+    parent_pid: int | None = None  # embedded mode: stop when this process is gone
+    stop_on_sigint: bool = True  # daemon: yes; embedded: the creator decides
+    events: list[str] = field(default_factory=list)
+
+
+class Hub:
+    def __init__(
+        self,
+        seg: Segment,
+        doorbells: list[Doorbell],
+        mi_sockets: list[socket.socket],
+        options: HubOptions,
+    ):
+        self.seg = seg
+        self.doorbells = doorbells
+        self.mi_sockets = mi_sockets
+        self.options = options
+        g = seg.layout.geometry
+        self.registry = Registry(g.max_events, g.max_subs)
+        self.started = time.time()
+        self.senders: dict[int, int] = {}  # pid -> sender index
+        self._known_events = 0
+        self._signals: list[int] = []
+        self._stat_baseline: dict[str, int] = {}
+        self._producer: Producer | None = None
+        self._stopping = False
+        self._wake_r, self._wake_w = os.pipe()
+        for fd in (self._wake_r, self._wake_w):
+            os.set_blocking(fd, False)
+
+    # -- HubState for the MI ---------------------------------------------
+
+    def now_ns(self) -> int:
+        return time.monotonic_ns()
+
+    def commit(self) -> None:
+        self._known_events = table.publish(self.seg, self.registry, self._known_events)
+        if self._stopping:
+            table.clear_counts(self.seg)
+        for bell in self.doorbells:
+            bell.ring()
+
+    def raise_event(self, event: str, params: Any) -> bool:
+        if self._producer is None:
+            self._producer = Producer(self.seg, self.doorbells)
+        return self._producer.raise_event(event, params)
+
+    def statistics(self) -> dict[str, int]:
+        flat: dict[str, int] = {}
+        data = stats.collect(self.seg)
+        for key, value in data["totals"].items():
+            flat[f"mpevent:{key}"] = value
+        flat["mpevent:lost_in_flight"] = data["lost_in_flight"]
+        for name, sums in data["events"].items():
+            for key, value in sums.items():
+                flat[f"event:{name}.{key}"] = value
+        for row in data["destinations"]:
+            for key in ("sent", "bytes", "failed", "dropped", "pending", "econnrefused", "enoent"):
+                flat[f"destination:{row['event']}@{row['socket']}.{key}"] = row[key]
+        base = self._stat_baseline
+        return {k: v - base.get(k, 0) for k, v in flat.items()}
+
+    def reset_statistics(self, names: list[str]) -> None:
+        current = self.statistics()
+        for name in names:
+            if name in current and not name.endswith(".pending"):
+                self._stat_baseline[name] = self._stat_baseline.get(name, 0) + current[name]
+
+    def processes(self) -> list[dict[str, Any]]:
+        rows = [(os.getpid(), "hub")]
+        rows += [
+            (pid, f"sender {i}") for pid, i in sorted(self.senders.items(), key=lambda x: x[1])
+        ]
+        out = []
+        for pid, role in rows:
+            try:
+                p = psutil.Process(pid)
+                with p.oneshot():
+                    cpu = p.cpu_times()
+                    out.append(
+                        {
+                            "ID": len(out),
+                            "PID": pid,
+                            "Type": role,
+                            "CPU": round(cpu.user + cpu.system, 3),
+                            "RSS": p.memory_info().rss,
+                        }
+                    )
+            except psutil.Error:
+                continue
+        return out
+
+    # -- senders ------------------------------------------------------------
+
+    def spawn_sender(self, index: int) -> int:
+        pid = os.fork()
+        if pid:
+            self.senders[pid] = index
+            return pid
+        code = 1
+        try:
+            signal.set_wakeup_fd(-1)
+            for sig in (signal.SIGTERM, signal.SIGCHLD, signal.SIGHUP):
+                signal.signal(sig, signal.SIG_DFL)
+            # The hub decides when to stop; a terminal's Ctrl-C reaches the
+            # whole process group and must not kill a sender mid-batch.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            for sock in self.mi_sockets:
+                sock.close()
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            code = Sender(
+                self.seg,
+                index,
+                self.doorbells[index],
+                self.options.backlog,
+                parent_pid=os.getppid(),
+            ).run()
+        except BaseException:
+            log.exception("sender %d crashed", index)
+        finally:
+            os._exit(code)
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if not pid:
+                return
+            index = self.senders.pop(pid, None)
+            if index is None:
+                continue
+            if self._stopping:
+                continue
+            log.warning(
+                "sender %d (pid %d) exited with status %#x; starting a new one", index, pid, status
+            )
+            time.sleep(RESPAWN_DELAY)  # a sender that dies at once must not spin the hub
+            self.spawn_sender(index)
+
+    # -- the loop -----------------------------------------------------------
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self._signals.append(signum)
+
+    def run(self) -> int:
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        handled = [signal.SIGTERM, signal.SIGCHLD, signal.SIGHUP]
+        for sig in handled:
+            signal.signal(sig, self._on_signal)
+        signal.signal(
+            signal.SIGINT, self._on_signal if self.options.stop_on_sigint else signal.SIG_IGN
+        )
+        for name in self.options.events:
+            self.registry.publish(name)
+        self.commit()
+        self.seg.words[H_HUB_PID] = os.getpid()
+        self.seg.words[H_STATE] = STATE_RUNNING
+        for index in range(self.seg.layout.geometry.senders):
+            self.spawn_sender(index)
+        poller = select.poll()
+        poller.register(self._wake_r, select.POLLIN)
+        by_fd = {s.fileno(): s for s in self.mi_sockets}
+        for fd in by_fd:
+            poller.register(fd, select.POLLIN)
+        while not self._stopping:
+            timeout = LOOP_TIMEOUT
+            deadline = self.registry.next_deadline()
+            if deadline is not None:
+                timeout = min(timeout, max(0.0, (deadline - time.monotonic_ns()) / 1e9))
+            for fd, _ in poller.poll(timeout * 1000):
+                if fd == self._wake_r:
+                    try:
+                        os.read(self._wake_r, 4096)
+                    except BlockingIOError:
+                        pass
+                else:
+                    self._serve(by_fd[fd])
+            self._handle_signals()
+            if self.registry.expire(time.monotonic_ns()):
+                self.commit()
+            parent = self.options.parent_pid
+            if parent is not None and os.getppid() != parent:
+                log.warning("the process that created the bus is gone; stopping")
+                self._stopping = True
+        return self._stop()
+
+    def _handle_signals(self) -> None:
+        while self._signals:
+            sig = self._signals.pop(0)
+            if sig == signal.SIGCHLD:
+                self._reap()
+            elif sig in (signal.SIGTERM, signal.SIGINT):
+                log.info("received %s: draining and stopping", signal.Signals(sig).name)
+                self._stopping = True
+            elif sig == signal.SIGHUP:
+                log.info("SIGHUP: nothing to reload in embedded mode")
+
+    def _serve(self, sock: socket.socket) -> None:
+        for _ in range(64):  # bounded: signals and expiry must not starve
+            try:
+                raw, addr = sock.recvfrom(mi.MAX_REQUEST + 1)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                log.warning("MI receive failed: %s", exc)
+                return
+            try:
+                reply = mi.handle(self, raw)
+            except Exception:
+                log.exception("MI request failed")
+                reply = mi.INTERNAL_ERROR_REPLY
+            if reply is None or not addr:
+                continue
+            try:
+                sock.sendto(reply, addr)
+            except OSError as exc:
+                if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT, errno.EAGAIN):
+                    log.warning("MI reply to %r failed: %s", addr, exc)
+
+    def _stop(self) -> int:
+        words = self.seg.words
+        deadline = time.monotonic_ns() + int(self.options.drain_timeout * 1e9)
+        words[H_DRAIN_DEADLINE_NS] = deadline
+        table.clear_counts(self.seg)  # producers refuse new events from now on
+        words[H_STATE] = STATE_STOPPING
+        for bell in self.doorbells:
+            bell.ring()
+        grace = deadline + 2_000_000_000
+        while self.senders and time.monotonic_ns() < grace:
+            self._reap()
+            time.sleep(0.01)
+        for pid in list(self.senders):
+            log.warning("sender pid %d did not stop in time; killing it", pid)
+            try:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
+            self.senders.pop(pid, None)
+        words[H_STATE] = STATE_STOPPED
+        for sock in self.mi_sockets:
+            path = sock.getsockname() if sock.family == socket.AF_UNIX else None
+            sock.close()
+            if isinstance(path, str) and path.startswith("/"):
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+        signal.set_wakeup_fd(-1)
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+        return 0
+
+
+def bind_datagram(dest: Destination, mode: int | None = None) -> socket.socket:
+    """A non-blocking datagram socket bound to ``dest`` (the MI listener)."""
+    sock = socket.socket(dest.family, socket.SOCK_DGRAM)
+    try:
+        if dest.family == socket.AF_UNIX:
+            path = dest.sockaddr
+            if isinstance(path, str) and path.startswith("/"):
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+            sock.bind(path)
+            if mode is not None and isinstance(path, str) and path.startswith("/"):
+                os.chmod(path, mode)
+        else:
+            sock.bind(dest.sockaddr)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock

@@ -1,0 +1,357 @@
+"""The management interface: OpenSIPS MI over JSON-RPC 2.0, as pure logic.
+
+:func:`handle` takes the bytes of one request and returns the bytes of the
+reply (or ``None`` for a notification, which gets no reply). It knows
+nothing of sockets: the datagram and HTTP transports (and the hub's private
+control socket) all call it, so every transport behaves the same.
+
+Method names, parameter names, result shapes and error codes are OpenSIPS's,
+so OpenSIPS tools (the ``opensips`` Python package, opensips-cli) work
+unchanged. ``event_publish`` is mpevent's own addition: OpenSIPS modules
+publish their events in C; mpevent's producers do it through the MI.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import orjson
+
+from .destination import DestinationError, parse_destination
+from .payload import PayloadError
+from .registry import DEFAULT_EXPIRE, Registry, RegistryError
+
+VERSION = "0.1.0"
+MAX_REQUEST = 65536
+
+PARSE_ERROR = -32700
+INVALID_REQUEST = -32600
+METHOD_NOT_FOUND = -32601
+INVALID_PARAMS = -32602
+INTERNAL_ERROR = -32603
+INTERNAL_ERROR_REPLY = orjson.dumps(
+    {"jsonrpc": "2.0", "error": {"code": INTERNAL_ERROR, "message": "Internal error"}, "id": None}
+)
+
+
+class MIError(Exception):
+    """An error reply: JSON-RPC code and message."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class HubState(Protocol):
+    """What the MI needs from the hub (the hub implements it; tests fake it)."""
+
+    registry: Registry
+    started: float  # wall-clock start time
+
+    def now_ns(self) -> int: ...
+    def commit(self) -> None: ...
+    def raise_event(self, event: str, params: Any) -> bool: ...
+    def statistics(self) -> dict[str, int]: ...
+    def reset_statistics(self, names: list[str]) -> None: ...
+    def processes(self) -> list[dict[str, Any]]: ...
+
+
+Method = Callable[[HubState, dict[str, Any]], Any]
+
+
+class _Spec:
+    __slots__ = ("fn", "optional", "required")
+
+    def __init__(self, fn: Method, required: tuple[str, ...], optional: tuple[str, ...]):
+        self.fn = fn
+        self.required = required
+        self.optional = optional
+
+
+METHODS: dict[str, _Spec] = {}
+
+
+def method(name: str, required: tuple[str, ...] = (), optional: tuple[str, ...] = ()):
+    def register(fn: Method) -> Method:
+        METHODS[name] = _Spec(fn, required, optional)
+        return fn
+
+    return register
+
+
+def _bind(spec: _Spec, params: Any) -> dict[str, Any]:
+    """Params as an array (positional, OpenSIPS order) or an object, by name."""
+    names = spec.required + spec.optional
+    if params is None:
+        params = {}
+    if isinstance(params, list):
+        if len(params) > len(names):
+            raise MIError(INVALID_PARAMS, f"Too many parameters (at most {len(names)})")
+        params = dict(zip(names, params, strict=False))
+    elif isinstance(params, dict):
+        unknown = [k for k in params if k not in names]
+        if unknown:
+            raise MIError(INVALID_PARAMS, f"Unknown parameter {unknown[0]!r}")
+    else:
+        raise MIError(INVALID_PARAMS, "params must be an array or an object")
+    missing = [k for k in spec.required if params.get(k) is None]
+    if missing:
+        raise MIError(INVALID_PARAMS, f"Missing parameter {missing[0]!r}")
+    return params
+
+
+def _str(params: dict[str, Any], key: str) -> str:
+    value = params[key]
+    if not isinstance(value, str):
+        raise MIError(INVALID_PARAMS, f"Parameter {key!r} must be a string")
+    return value
+
+
+def dispatch(state: HubState, request: Any) -> dict[str, Any] | None:
+    """One decoded request to one reply object (None for a notification)."""
+    if not isinstance(request, dict):
+        return _error(None, INVALID_REQUEST, "Invalid Request")
+    req_id = request.get("id")
+    if not isinstance(req_id, str | int | float | type(None)) or isinstance(req_id, bool):
+        return _error(None, INVALID_REQUEST, "Invalid Request: bad id")
+    name = request.get("method")
+    if request.get("jsonrpc") != "2.0" or not isinstance(name, str):
+        return _error(req_id, INVALID_REQUEST, "Invalid Request")
+    spec = METHODS.get(name)
+    try:
+        if spec is None:
+            raise MIError(METHOD_NOT_FOUND, "Method not found")
+        result = spec.fn(state, _bind(spec, request.get("params")))
+    except MIError as exc:
+        return _error(req_id, exc.code, exc.message)
+    except RegistryError as exc:
+        return _error(req_id, exc.code, str(exc))
+    if "id" not in request:
+        return None
+    return {"jsonrpc": "2.0", "result": result, "id": req_id}
+
+
+def _error(req_id: Any, code: int, message: str) -> dict[str, Any]:
+    return {"jsonrpc": "2.0", "error": {"code": code, "message": message}, "id": req_id}
+
+
+def handle(state: HubState, raw: bytes) -> bytes | None:
+    """One request datagram/body to one reply (None: send nothing back)."""
+    if len(raw) > MAX_REQUEST:
+        reply = _error(None, INVALID_REQUEST, f"Request too large (max {MAX_REQUEST} bytes)")
+    else:
+        try:
+            request = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            reply = _error(None, PARSE_ERROR, "Parse error")
+        else:
+            if isinstance(request, list):  # a batch
+                replies = [r for r in (dispatch(state, item) for item in request) if r]
+                if not request:
+                    reply = _error(None, INVALID_REQUEST, "Invalid Request: empty batch")
+                elif not replies:
+                    return None
+                else:
+                    return orjson.dumps(replies)
+            else:
+                reply = dispatch(state, request)
+                if reply is None:
+                    return None
+    return orjson.dumps(reply)
+
+
+# -- events and subscriptions ---------------------------------------------
+
+
+@method("event_publish", required=("event",))
+def _event_publish(state: HubState, p: dict[str, Any]) -> dict[str, Any]:
+    name = _str(p, "event")
+    try:
+        event_id = state.registry.publish(name)
+    except (TypeError, ValueError) as exc:
+        raise MIError(400, f"Bad parameter value: {exc}") from None
+    state.commit()
+    return {"name": name, "id": event_id}
+
+
+@method("event_subscribe", required=("event", "socket"), optional=("expire",))
+def _event_subscribe(state: HubState, p: dict[str, Any]) -> str:
+    event = _str(p, "event")
+    try:
+        dest = parse_destination(_str(p, "socket"))
+    except DestinationError as exc:
+        raise MIError(400, f"Bad parameter value: {exc}") from None
+    expire = p.get("expire", DEFAULT_EXPIRE)
+    if isinstance(expire, str):  # opensips-cli sends everything as strings
+        try:
+            expire = int(expire)
+        except ValueError:
+            raise MIError(INVALID_PARAMS, f"expire must be an integer, not {expire!r}") from None
+    try:
+        state.registry.event_id(event)
+    except RegistryError:
+        raise MIError(400, f"Bad parameter value: unknown event {event!r}") from None
+    registry = state.registry
+    before = registry.find(event, dest)
+    undo = None if before is None else (before.expire, before.start_ns, before.deadline_ns)
+    registry.subscribe(event, dest, expire, state.now_ns())
+    try:
+        state.commit()
+    except ValueError as exc:  # the table does not fit: take the change back
+        if undo is None:
+            registry.unsubscribe(event, dest)
+        state.commit()
+        raise MIError(400, f"Cannot subscribe: {exc}") from None
+    return "OK"
+
+
+def _subscriber(state: HubState, sub) -> dict[str, Any]:
+    now = state.now_ns()
+    ttl = sub.ttl(now)
+    return {
+        "socket": str(sub.destination),
+        "expire": "never" if sub.expire is None else sub.expire,
+        "ttl": "never" if ttl is None else ttl,
+    }
+
+
+@method("events_list")
+def _events_list(state: HubState, p: dict[str, Any]) -> dict[str, Any]:
+    return {"Events": [{"name": n, "id": i} for i, n in enumerate(state.registry.events)]}
+
+
+@method("subscribers_list", optional=("event", "socket"))
+def _subscribers_list(state: HubState, p: dict[str, Any]) -> dict[str, Any]:
+    registry = state.registry
+    event = p.get("event")
+    if event is None:
+        return {
+            "Events": [
+                {
+                    "name": name,
+                    "id": i,
+                    "Subscribers": [_subscriber(state, s) for s in registry.subscriptions(i)],
+                }
+                for i, name in enumerate(registry.events)
+            ]
+        }
+    event = _str(p, "event")
+    try:
+        event_id = registry.event_id(event)
+    except RegistryError:
+        raise MIError(400, f"Bad parameter value: unknown event {event!r}") from None
+    info: dict[str, Any] = {"name": event, "id": event_id}
+    if p.get("socket") is None:
+        info["Subscribers"] = [_subscriber(state, s) for s in registry.subscriptions(event_id)]
+        return {"Event": info}
+    try:
+        dest = parse_destination(_str(p, "socket"))
+    except DestinationError as exc:
+        raise MIError(400, f"Bad parameter value: {exc}") from None
+    sub = registry.find(event, dest)
+    if sub is None:
+        raise MIError(404, "Subscriber not found")
+    info["Subscriber"] = _subscriber(state, sub)
+    return {"Event": info}
+
+
+@method("raise_event", required=("event",), optional=("params",))
+def _raise_event(state: HubState, p: dict[str, Any]) -> str:
+    event = _str(p, "event")
+    try:
+        state.registry.event_id(event)
+    except RegistryError:
+        raise MIError(404, "Event not registered") from None
+    params = p.get("params")
+    if isinstance(params, str):  # OpenSIPS takes a string holding a JSON object
+        try:
+            params = json.loads(params)
+        except ValueError:
+            raise MIError(400, "Bad parameter value: params is not valid JSON") from None
+        if not isinstance(params, dict):
+            raise MIError(400, "Bad parameter value: params must hold a JSON object")
+    elif params is not None and not isinstance(params, dict | list):
+        raise MIError(400, "Bad parameter value: params must be an object or an array")
+    try:
+        ok = state.raise_event(event, params)
+    except (PayloadError, TypeError, ValueError) as exc:
+        raise MIError(400, f"Bad parameter value: {exc}") from None
+    if not ok:
+        raise MIError(480, "Temporarily Unavailable")
+    return "OK"
+
+
+# -- statistics ---------------------------------------------------------------
+
+
+def _stat_names(p: dict[str, Any]) -> list[str]:
+    names = p.get("statistics")
+    if names is None:
+        return ["all"]
+    if isinstance(names, str):
+        names = [names]
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise MIError(INVALID_PARAMS, "statistics must be an array of strings")
+    return names
+
+
+def _select(stats: dict[str, int], names: list[str]) -> dict[str, int]:
+    if "all" in names:
+        return stats
+    out: dict[str, int] = {}
+    for name in names:
+        if name.endswith(":"):
+            out.update({k: v for k, v in stats.items() if k.startswith(name)})
+        elif name in stats:
+            out[name] = stats[name]
+        else:
+            out.update({k: v for k, v in stats.items() if k.split(":", 1)[-1] == name})
+    return out
+
+
+@method("get_statistics", optional=("statistics",))
+def _get_statistics(state: HubState, p: dict[str, Any]) -> dict[str, int]:
+    return _select(state.statistics(), _stat_names(p))
+
+
+@method("list_statistics", optional=("statistics",))
+def _list_statistics(state: HubState, p: dict[str, Any]) -> dict[str, str]:
+    return dict.fromkeys(_select(state.statistics(), _stat_names(p)), "non-incremental")
+
+
+@method("reset_statistics", required=("statistics",))
+def _reset_statistics(state: HubState, p: dict[str, Any]) -> str:
+    state.reset_statistics(list(_select(state.statistics(), _stat_names(p))))
+    return "OK"
+
+
+# -- process facts ----------------------------------------------------------
+
+
+@method("ps")
+def _ps(state: HubState, p: dict[str, Any]) -> dict[str, Any]:
+    return {"Processes": state.processes()}
+
+
+@method("uptime")
+def _uptime(state: HubState, p: dict[str, Any]) -> dict[str, Any]:
+    now = time.time()
+    return {
+        "Now": time.ctime(now),
+        "Up since": time.ctime(state.started),
+        "Up time": f"{int(now - state.started)} [sec]",
+    }
+
+
+@method("version")
+def _version(state: HubState, p: dict[str, Any]) -> dict[str, str]:
+    return {"Server": f"mpevent {VERSION}"}
+
+
+@method("which")
+def _which(state: HubState, p: dict[str, Any]) -> list[str]:
+    return sorted(METHODS)

@@ -1,0 +1,225 @@
+"""The producer side: ``raise_event``, the fast path every worker runs.
+
+A :class:`Producer` lives in every process that maps the segment. The first
+``raise_event`` in a process claims a lane (a kernel-released record lock,
+see :mod:`mpevent.segment`); after ``os.fork`` the child forgets the
+parent's lane and claims its own on its first raise, with no call needed
+from the application (``os.register_at_fork``, no ``getpid()`` per call).
+
+Per call, when nobody is subscribed: a dict lookup, one load from shared
+memory and a counter. Otherwise: params encoded with orjson, the size
+checked, one record copied into the lane under a process-local lock, the
+tail published, and the sender's doorbell rung only if it sleeps. No
+syscall, nothing that depends on the number of subscribers.
+
+Threads of one process share the lane behind a ``threading.Lock``; the lock
+is re-created in a forked child, so a fork while another thread holds it
+cannot leave the child deadlocked.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import threading
+import time
+import weakref
+from typing import Any
+
+from .layout import (
+    P_DROPPED,
+    P_ENQUEUED,
+    P_NO_SUBSCRIBER,
+    P_OVERSIZE,
+    P_RAISED,
+    P_REJECTED,
+    S_SLEEPING,
+)
+from .payload import MAX_DATAGRAM, DatagramTooLarge, check_event_name, encode_params, params_prefix
+from .ring import LaneWriter, max_body
+from .segment import Segment
+from .table import event_names
+from .wakeup import Doorbell
+
+_NO_LANE_RETRY_NS = 1_000_000_000
+_producers: weakref.WeakSet[Producer] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for producer in list(_producers):
+        producer._forget_lane()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class UnknownEvent(ValueError):
+    """``raise_event`` for an event nobody published."""
+
+
+def process_start_time(pid: int) -> int:
+    """Start time of ``pid`` in clock ticks since boot (tells pid reuse apart)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return int(fields[19])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+class Producer:
+    """Raises events into a segment from any process that maps it."""
+
+    def __init__(self, seg: Segment, doorbells: list[Doorbell]):
+        self._seg = seg
+        self._words = seg.words
+        self._layout = seg.layout
+        self._doorbells = doorbells
+        self._ids: dict[str, int] = {}
+        self._prefix_len: list[int] = []
+        self._max_body = min(MAX_DATAGRAM, max_body(seg.layout.geometry.lane_size))
+        self._sub_count_at = seg.layout.sub_count_word(0)
+        self._forget_lane()
+        _producers.add(self)
+
+    def _forget_lane(self) -> None:
+        self._lock = threading.Lock()
+        self._lane: LaneWriter | None = None
+        self._lane_index = -1
+        self._counters_at = 0
+        self._sleep_word = 0
+        self._doorbell: Doorbell | None = None
+        self._retry_claim_ns = 0
+
+    # -- events -----------------------------------------------------------
+
+    def event_id(self, name: str) -> int:
+        event_id = self._ids.get(name)
+        if event_id is None:
+            event_id = self._lookup(name)
+        return event_id
+
+    def _lookup(self, name: Any) -> int:
+        check_event_name(name)
+        for new_name in event_names(self._seg, len(self._prefix_len)):
+            self._ids[new_name] = len(self._prefix_len)
+            self._prefix_len.append(len(params_prefix(new_name)))
+        try:
+            return self._ids[name]
+        except KeyError:
+            raise UnknownEvent(f"event {name!r} is not published") from None
+
+    def has_subscribers(self, name: str) -> bool:
+        return bool(self._words[self._sub_count_at + self.event_id(name)])
+
+    # -- the fast path ----------------------------------------------------
+
+    def raise_event(self, event: str, params: Any = None) -> bool:
+        """Queue one event for every subscriber; True when enqueued.
+
+        False when nobody is subscribed or the lane is full (both counted).
+        ``TypeError``/``ValueError`` for bad input, ``DatagramTooLarge``
+        (a ``ValueError``) when the notification would exceed the limit.
+        """
+        event_id = self._ids.get(event)
+        if event_id is None:
+            event_id = self._lookup(event)
+        words = self._words
+        if self._lane is None:
+            self._claim()
+        counters = self._counters_at + event_id * 8
+        if not words[self._sub_count_at + event_id]:
+            with self._lock:
+                words[counters + P_NO_SUBSCRIBER] += 1
+            return False
+        try:
+            body = encode_params(params)
+            if len(body) + self._prefix_len[event_id] + 1 > MAX_DATAGRAM:
+                raise DatagramTooLarge(event, len(body) + self._prefix_len[event_id] + 1)
+        except (TypeError, ValueError) as exc:
+            self._count_rejected(counters, isinstance(exc, DatagramTooLarge))
+            raise
+        raised_ns = time.monotonic_ns()
+        with self._lock:
+            lane = self._lane
+            words[counters + P_RAISED] += 1
+            if lane is not None and lane.push(event_id, body, raised_ns):
+                words[counters + P_ENQUEUED] += 1
+            else:
+                words[counters + P_DROPPED] += 1
+                return False
+        if words[self._sleep_word]:
+            words[self._sleep_word] = 0
+            self._doorbell.ring()
+        return True
+
+    def _count_rejected(self, counters: int, oversize: bool) -> None:
+        with self._lock:
+            words = self._words
+            words[counters + P_RAISED] += 1
+            words[counters + P_REJECTED] += 1
+            if oversize:
+                words[counters + P_OVERSIZE] += 1
+
+    # -- lanes ------------------------------------------------------------
+
+    def _claim(self) -> None:
+        with self._lock:
+            if self._lane is not None:
+                return
+            layout = self._layout
+            now = time.monotonic_ns()
+            lane = None
+            if now >= self._retry_claim_ns:
+                pid = os.getpid()
+                lane = self._seg.claim_lane(pid, process_start_time(pid))
+            if lane is None:
+                # Every lane is owned: count in the spare block (see
+                # _SpareLane) and look for a free lane again later.
+                self._retry_claim_ns = now + _NO_LANE_RETRY_NS
+                self._counters_at = layout.prod_counter_word(layout.geometry.lanes, 0)
+                self._lock = _SpareLock(self._seg.fd, layout.geometry.lanes)
+                return
+            g = layout.geometry
+            self._lane = LaneWriter(
+                self._seg.buf,
+                self._words,
+                layout.lane_word(lane),
+                layout.lane_data(lane),
+                g.lane_size,
+            )
+            self._lane_index = lane
+            if isinstance(self._lock, _SpareLock):
+                self._lock = threading.Lock()
+            self._counters_at = layout.prod_counter_word(lane, 0)
+            sender = layout.lane_sender(lane)
+            self._sleep_word = layout.sender_word(sender) + S_SLEEPING
+            self._doorbell = self._doorbells[sender]
+
+    @property
+    def lane(self) -> int:
+        """The lane this process writes to (-1 before its first raise)."""
+        return self._lane_index
+
+
+class _SpareLock:
+    """Guards the spare counter block, which lane-less processes share.
+
+    Only used when every lane is owned, a degraded mode: a record lock per
+    raise (a syscall) is acceptable there, and the kernel drops it if the
+    holder dies. After the retry interval the producer tries to claim a lane
+    again.
+    """
+
+    def __init__(self, fd: int, byte: int):
+        self._fd = fd
+        self._byte = byte
+        self._local = threading.Lock()
+
+    def __enter__(self) -> None:
+        self._local.acquire()
+        fcntl.lockf(self._fd, fcntl.LOCK_EX, 1, self._byte)
+
+    def __exit__(self, *exc: object) -> None:
+        fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, self._byte)
+        self._local.release()

@@ -1,0 +1,214 @@
+"""Published events and their subscriptions: the hub's state, as pure logic.
+
+This is the model OpenSIPS's Event Interface keeps: a list of published
+events (ids given in order of publication, never reused) and, per event, the
+subscribers, each a destination with an expire time. No I/O: time comes in as
+an argument (monotonic nanoseconds), so expiry is tested without sleeping.
+
+Rules, as OpenSIPS:
+
+* subscribing an existing (event, destination) pair refreshes it: new expire,
+  new start time; the subscription keeps its slot and its counters;
+* ``expire`` is seconds; ``None`` means permanent; ``0`` unsubscribes;
+  negative is an error;
+* an expired subscription is removed and never sent to.
+
+Each subscription has a slot (index of its counters in shared memory) and an
+id unique for the life of the registry, so a sender can tell a reused slot
+from the subscription that had it before.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import msgspec
+
+from .destination import Destination
+from .payload import check_event_name
+
+DEFAULT_EXPIRE = 3600
+NS = 1_000_000_000
+
+
+class RegistryError(ValueError):
+    """A request the registry refuses; ``code`` is the OpenSIPS MI error code."""
+
+    def __init__(self, message: str, code: int = 400):
+        super().__init__(message)
+        self.code = code
+
+
+class Route(msgspec.Struct, array_like=True, frozen=True):
+    """What a sender needs of one subscription (published in the segment)."""
+
+    slot: int
+    sub_id: int
+    event_id: int
+    kind: str
+    family: int
+    host: str
+    port: int
+    deadline_ns: int  # 0: never expires
+
+    @property
+    def sockaddr(self) -> tuple[str, int] | tuple[str, int, int, int] | str:
+        return self.destination.sockaddr
+
+    @property
+    def destination(self) -> Destination:
+        return Destination(self.kind, self.family, self.host, self.port)  # type: ignore[arg-type]
+
+
+class Snapshot(msgspec.Struct, array_like=True):
+    """The whole subscription table as the hub publishes it."""
+
+    version: int
+    routes: list[Route]
+
+
+class Subscription(msgspec.Struct):
+    slot: int
+    sub_id: int
+    event_id: int
+    destination: Destination
+    expire: int | None  # seconds as asked; None: permanent
+    start_ns: int
+    deadline_ns: int  # 0: never
+
+    def ttl(self, now_ns: int) -> int | None:
+        if not self.deadline_ns:
+            return None
+        return max(0, (self.deadline_ns - now_ns + NS - 1) // NS)
+
+    def route(self) -> Route:
+        d = self.destination
+        return Route(
+            self.slot,
+            self.sub_id,
+            self.event_id,
+            d.kind,
+            d.family,
+            d.host,
+            d.port,
+            self.deadline_ns,
+        )
+
+
+class Registry:
+    """Events and subscriptions, with limits fixed by the segment's geometry."""
+
+    def __init__(self, max_events: int, max_subs: int, max_subs_per_event: int | None = None):
+        self.max_events = max_events
+        self.max_subs = max_subs
+        self.max_subs_per_event = max_subs_per_event or max_subs
+        self.events: list[str] = []
+        self._event_ids: dict[str, int] = {}
+        self._subs: dict[tuple[int, Destination], Subscription] = {}
+        self._free_slots = list(range(max_subs - 1, -1, -1))
+        self._next_sub_id = 1
+        self.version = 0  # bumped on every change
+
+    # -- events -----------------------------------------------------------
+
+    def publish(self, name: str) -> int:
+        """Declare an event (idempotent) and return its id."""
+        event_id = self._event_ids.get(name)
+        if event_id is not None:
+            return event_id
+        check_event_name(name)
+        if len(self.events) >= self.max_events:
+            raise RegistryError(f"cannot publish {name!r}: all {self.max_events} event ids in use")
+        event_id = len(self.events)
+        self.events.append(name)
+        self._event_ids[name] = event_id
+        self.version += 1
+        return event_id
+
+    def event_id(self, name: str) -> int:
+        try:
+            return self._event_ids[name]
+        except (KeyError, TypeError):
+            raise RegistryError(f"event {name!r} is not published", code=404) from None
+
+    # -- subscriptions ----------------------------------------------------
+
+    def subscribe(
+        self, event: str, destination: Destination, expire: int | None, now_ns: int
+    ) -> Subscription | None:
+        """Add or refresh; ``expire == 0`` removes. Returns the subscription."""
+        event_id = self.event_id(event)
+        if expire is not None:
+            if isinstance(expire, bool) or not isinstance(expire, int):
+                raise RegistryError(f"expire must be an integer, not {expire!r}", code=-32602)
+            if expire < 0:
+                raise RegistryError(f"expire must not be negative, got {expire}", code=-32602)
+            if expire == 0:
+                self.unsubscribe(event, destination)
+                return None
+        key = (event_id, destination)
+        deadline = 0 if expire is None else now_ns + expire * NS
+        sub = self._subs.get(key)
+        if sub is not None:
+            sub.expire, sub.start_ns, sub.deadline_ns = expire, now_ns, deadline
+        else:
+            if sum(1 for k in self._subs if k[0] == event_id) >= self.max_subs_per_event:
+                raise RegistryError(
+                    f"event {event!r} already has {self.max_subs_per_event} subscribers "
+                    "(max_subs_per_event)"
+                )
+            if not self._free_slots:
+                raise RegistryError(f"all {self.max_subs} subscription slots in use (max_subs)")
+            sub = Subscription(
+                self._free_slots.pop(),
+                self._next_sub_id,
+                event_id,
+                destination,
+                expire,
+                now_ns,
+                deadline,
+            )
+            self._next_sub_id += 1
+            self._subs[key] = sub
+        self.version += 1
+        return sub
+
+    def unsubscribe(self, event: str, destination: Destination) -> bool:
+        sub = self._subs.pop((self.event_id(event), destination), None)
+        if sub is None:
+            return False
+        self._free_slots.append(sub.slot)
+        self.version += 1
+        return True
+
+    def expire(self, now_ns: int) -> list[Subscription]:
+        """Remove and return the subscriptions whose time is up."""
+        gone = [s for s in self._subs.values() if s.deadline_ns and s.deadline_ns <= now_ns]
+        for sub in gone:
+            del self._subs[(sub.event_id, sub.destination)]
+            self._free_slots.append(sub.slot)
+        if gone:
+            self.version += 1
+        return gone
+
+    def next_deadline(self) -> int | None:
+        deadlines = [s.deadline_ns for s in self._subs.values() if s.deadline_ns]
+        return min(deadlines, default=None)
+
+    def subscriptions(self, event_id: int | None = None) -> Iterator[Subscription]:
+        for sub in self._subs.values():
+            if event_id is None or sub.event_id == event_id:
+                yield sub
+
+    def find(self, event: str, destination: Destination) -> Subscription | None:
+        return self._subs.get((self.event_id(event), destination))
+
+    def counts(self) -> list[int]:
+        """Live subscribers per event id (the producers' probe)."""
+        counts = [0] * len(self.events)
+        for event_id, _ in self._subs:
+            counts[event_id] += 1
+        return counts
+
+    def snapshot(self) -> Snapshot:
+        return Snapshot(self.version, [s.route() for s in self._subs.values()])

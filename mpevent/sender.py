@@ -1,0 +1,432 @@
+"""A sender worker: drains its lanes and writes datagrams to subscribers.
+
+One sender process owns a fixed set of lanes (``lane % senders``), so each
+lane has exactly one consumer. Per loop it:
+
+1. reloads the subscription table when the hub's generation changed;
+2. takes a batch of records from each lane, builds each event's datagram
+   once, and hands it to every subscriber of the event;
+3. flushes backlogs of subscribers that became writable;
+4. stores its counters in the segment and publishes the lanes' ``head``;
+5. sleeps on its doorbell when there was nothing to do (bounded, see
+   :mod:`mpevent.wakeup`).
+
+Sends are non-blocking on connected sockets, one per destination. A
+connected socket reports ECONNREFUSED (UDP port closed, UNIX listener gone)
+and ENOENT (UNIX path gone) for that destination alone. EAGAIN (a UNIX
+receiver's queue is full) puts the datagram in the destination's bounded
+backlog, flushed when ``poll`` says the socket is writable; later datagrams
+for that destination queue behind it so order is kept. Only a full backlog
+drops, and counts.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import socket
+import time
+from collections import deque
+
+from .layout import (
+    C_DISPATCHED,
+    C_OVERSIZE,
+    C_UNROUTED,
+    D_BYTES,
+    D_DROPPED,
+    D_ECONNREFUSED,
+    D_ENOENT,
+    D_FAILED,
+    D_ID,
+    D_ROUTED,
+    D_SENT,
+    H_DRAIN_DEADLINE_NS,
+    H_STATE,
+    S_HEARTBEAT_NS,
+    S_LOOPS,
+    S_PID,
+    S_SLEEPING,
+    STATE_RUNNING,
+)
+from .payload import MAX_DATAGRAM, Notification
+from .registry import Route
+from .ring import LaneReader
+from .segment import Segment
+from .table import event_names, read_snapshot, table_generation
+from .wakeup import MAX_SLEEP, Doorbell
+
+BATCH = 256  # records per lane per loop: fairness between lanes
+DEFAULT_BACKLOG = 16384  # datagrams per destination
+RECONNECT_INTERVAL_NS = 50_000_000
+
+
+class SubscriptionStats:
+    """One subscription's counters in this sender; stored in the segment per loop."""
+
+    __slots__ = (
+        "bytes",
+        "dropped",
+        "enoent",
+        "failed",
+        "refused",
+        "routed",
+        "sent",
+        "slot",
+        "sub_id",
+        "word",
+    )
+
+    def __init__(self, seg: Segment, sender: int, route: Route):
+        self.slot = route.slot
+        self.sub_id = route.sub_id
+        self.word = w = seg.layout.dest_counter_word(sender, route.slot)
+        words = seg.words
+        if words[w + D_ID] != route.sub_id:  # a new subscription in this slot
+            for i in range(8):
+                words[w + i] = 0
+            words[w + D_ID] = route.sub_id
+        self.routed = words[w + D_ROUTED]
+        self.sent = words[w + D_SENT]
+        self.bytes = words[w + D_BYTES]
+        self.failed = words[w + D_FAILED]
+        self.dropped = words[w + D_DROPPED]
+        self.refused = words[w + D_ECONNREFUSED]
+        self.enoent = words[w + D_ENOENT]
+
+    def fail(self, code: int) -> None:
+        self.failed += 1
+        if code == errno.ECONNREFUSED:
+            self.refused += 1
+        elif code == errno.ENOENT:
+            self.enoent += 1
+
+    def store(self, words: memoryview) -> None:
+        w = self.word
+        words[w + D_ROUTED] = self.routed
+        words[w + D_SENT] = self.sent
+        words[w + D_BYTES] = self.bytes
+        words[w + D_FAILED] = self.failed
+        words[w + D_DROPPED] = self.dropped
+        words[w + D_ECONNREFUSED] = self.refused
+        words[w + D_ENOENT] = self.enoent
+
+
+class Endpoint:
+    """One destination's connected socket and backlog, shared by its subscriptions."""
+
+    __slots__ = ("backlog", "backlog_limit", "dest", "last_errno", "on_blocked", "retry_at", "sock")
+
+    def __init__(self, route: Route, backlog_limit: int, on_blocked):
+        self.dest = route.destination
+        self.backlog: deque[tuple[bytes, SubscriptionStats]] = deque()
+        self.backlog_limit = backlog_limit
+        self.on_blocked = on_blocked
+        self.sock: socket.socket | None = None
+        self.last_errno = 0
+        self.retry_at = 0
+        self._connect()
+
+    def _connect(self) -> bool:
+        sock = socket.socket(self.dest.family, socket.SOCK_DGRAM)
+        sock.setblocking(False)
+        try:
+            sock.connect(self.dest.sockaddr)
+        except OSError as exc:
+            sock.close()
+            self.last_errno = exc.errno or errno.EIO
+            self.retry_at = time.monotonic_ns() + RECONNECT_INTERVAL_NS
+            return False
+        self.sock = sock
+        return True
+
+    def send(self, datagram: bytes, stats: SubscriptionStats) -> None:
+        stats.routed += 1
+        if self.backlog:
+            if len(self.backlog) < self.backlog_limit:
+                self.backlog.append((datagram, stats))
+            else:
+                stats.dropped += 1
+            return
+        sock = self.sock
+        if sock is None:
+            if time.monotonic_ns() < self.retry_at or not self._connect():
+                stats.fail(self.last_errno)
+                return
+            sock = self.sock
+        try:
+            sock.send(datagram)
+        except BlockingIOError:
+            self.backlog.append((datagram, stats))
+            self.on_blocked(self)
+        except OSError as exc:
+            self._failed(exc, stats)
+        else:
+            stats.sent += 1
+            stats.bytes += len(datagram)
+
+    def _failed(self, exc: OSError, stats: SubscriptionStats) -> None:
+        code = exc.errno or errno.EIO
+        stats.fail(code)
+        self.last_errno = code
+        if self.dest.kind == "unix" and code in (errno.ECONNREFUSED, errno.ENOENT, errno.ENOTCONN):
+            # The listener went away; a new one may bind the same path.
+            self.close()
+            self.retry_at = 0
+
+    def flush(self) -> bool:
+        """Send what the backlog holds; True when it is empty."""
+        backlog = self.backlog
+        sock = self.sock
+        while backlog:
+            datagram, stats = backlog[0]
+            if sock is None:
+                backlog.popleft()
+                stats.fail(self.last_errno)
+                continue
+            try:
+                sock.send(datagram)
+            except BlockingIOError:
+                return False
+            except OSError as exc:
+                backlog.popleft()
+                self._failed(exc, stats)
+                sock = self.sock
+                continue
+            backlog.popleft()
+            stats.sent += 1
+            stats.bytes += len(datagram)
+        return True
+
+    def drop_backlog(self) -> None:
+        while self.backlog:
+            _, stats = self.backlog.popleft()
+            stats.dropped += 1
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
+class Sender:
+    """The loop of one sender process (also usable in-process by tests)."""
+
+    def __init__(
+        self,
+        seg: Segment,
+        index: int,
+        doorbell: Doorbell,
+        backlog_limit: int = DEFAULT_BACKLOG,
+        parent_pid: int | None = None,
+    ):
+        self.seg = seg
+        self.index = index
+        self.doorbell = doorbell
+        self.backlog_limit = backlog_limit
+        self.parent_pid = parent_pid
+        layout = seg.layout
+        g = layout.geometry
+        self.words = seg.words
+        self.my_word = layout.sender_word(index)
+        self.lanes = [lane for lane in range(g.lanes) if layout.lane_sender(lane) == index]
+        self.readers = [
+            (
+                lane,
+                LaneReader(
+                    seg.buf, seg.words, layout.lane_word(lane), layout.lane_data(lane), g.lane_size
+                ),
+            )
+            for lane in self.lanes
+        ]
+        self.table_gen = -1
+        self.notes: list[Notification] = []
+        self.routes: list[list[tuple[Endpoint, SubscriptionStats]]] = []
+        self.all_routes: list[Route] = []
+        self.endpoints: dict[object, Endpoint] = {}
+        self.stats: dict[int, SubscriptionStats] = {}
+        self.next_deadline = 0
+        self.blocked: set[Endpoint] = set()
+        self.poller = select.poll()
+        self.poller.register(doorbell.read_fd, select.POLLIN)
+        self._fd_endpoint: dict[int, Endpoint] = {}
+
+    # -- subscription table ---------------------------------------------
+
+    def reload(self, force: bool = False) -> None:
+        gen = table_generation(self.seg)
+        if gen == self.table_gen and not force:
+            return
+        got = read_snapshot(self.seg)
+        if got is None:
+            return  # the hub is writing; try again next loop
+        self.table_gen, snap = got
+        self.all_routes = snap.routes
+        names = event_names(self.seg, len(self.notes))
+        self.notes.extend(Notification(n) for n in names)
+        self._build_routes(time.monotonic_ns())
+
+    def _build_routes(self, now_ns: int) -> None:
+        routes: list[list[tuple[Endpoint, SubscriptionStats]]] = [[] for _ in self.notes]
+        live_stats: dict[int, SubscriptionStats] = {}
+        live_dests: dict[object, Endpoint] = {}
+        next_deadline = 0
+        for route in self.all_routes:
+            if route.deadline_ns and route.deadline_ns <= now_ns:
+                continue  # expired: never sent to, even before the hub removes it
+            if route.deadline_ns and (not next_deadline or route.deadline_ns < next_deadline):
+                next_deadline = route.deadline_ns
+            stats = self.stats.get(route.slot)
+            if stats is None or stats.sub_id != route.sub_id:
+                stats = SubscriptionStats(self.seg, self.index, route)
+            live_stats[route.slot] = stats
+            dest = route.destination
+            ep = live_dests.get(dest) or self.endpoints.get(dest)
+            if ep is None:
+                ep = Endpoint(route, self.backlog_limit, self._blocked)
+            live_dests[dest] = ep
+            if route.event_id < len(routes):
+                routes[route.event_id].append((ep, stats))
+        for dest, ep in self.endpoints.items():
+            if dest not in live_dests:
+                self._retire(ep)
+        for slot, stats in self.stats.items():
+            if slot not in live_stats:
+                stats.store(self.words)
+        self.stats = live_stats
+        self.endpoints = live_dests
+        self.routes = routes
+        self.next_deadline = next_deadline
+
+    def _retire(self, ep: Endpoint) -> None:
+        ep.drop_backlog()
+        self._unblock(ep)
+        ep.close()
+
+    # -- backlog ----------------------------------------------------------
+
+    def _blocked(self, ep: Endpoint) -> None:
+        if ep not in self.blocked and ep.sock is not None:
+            self.blocked.add(ep)
+            fd = ep.sock.fileno()
+            self._fd_endpoint[fd] = ep
+            self.poller.register(fd, select.POLLOUT)
+
+    def _unblock(self, ep: Endpoint) -> None:
+        if ep in self.blocked:
+            self.blocked.discard(ep)
+            for fd, other in list(self._fd_endpoint.items()):
+                if other is ep:
+                    del self._fd_endpoint[fd]
+                    try:
+                        self.poller.unregister(fd)
+                    except KeyError:
+                        pass
+
+    def _poll(self, timeout_ms: float) -> None:
+        for fd, _ in self.poller.poll(timeout_ms):
+            ep = self._fd_endpoint.get(fd)
+            if ep is None:
+                continue
+            if ep.flush() or ep.sock is None:
+                self._unblock(ep)
+
+    # -- the loop ---------------------------------------------------------
+
+    def drain_once(self) -> int:
+        """One pass over the lanes; returns the number of records taken."""
+        words = self.words
+        layout = self.seg.layout
+        taken = 0
+        drained = []
+        for lane, reader in self.readers:
+            if not reader.pending():
+                continue
+            drained.append(reader)
+            routes = self.routes
+            notes = self.notes
+            for event_id, body, _raised_ns in reader.read(BATCH):
+                taken += 1
+                cw = layout.cons_counter_word(lane, event_id)
+                if event_id >= len(routes) or not routes[event_id]:
+                    # A producer may have seen the subscriber count before
+                    # we saw the table that goes with it: look again.
+                    self.reload()
+                    routes, notes = self.routes, self.notes
+                    if event_id >= len(routes) or not routes[event_id]:
+                        words[cw + C_UNROUTED] += 1
+                        continue
+                datagram = notes[event_id].build(body)
+                if len(datagram) > MAX_DATAGRAM:
+                    words[cw + C_OVERSIZE] += 1
+                    continue
+                for ep, stats in routes[event_id]:
+                    ep.send(datagram, stats)
+                words[cw + C_DISPATCHED] += 1
+        if drained:
+            # Counters first, then head: a sender killed in between has
+            # counted what it sent, and the records it took are "in flight".
+            self.store_counters()
+            for reader in drained:
+                reader.commit()
+        return taken
+
+    def store_counters(self) -> None:
+        for stats in self.stats.values():
+            stats.store(self.words)
+
+    def run(self) -> int:
+        words = self.words
+        me = self.my_word
+        words[me + S_PID] = os.getpid()
+        self.reload(force=True)
+        idle_since = 0
+        while True:
+            self.reload()
+            now = time.monotonic_ns()
+            if self.next_deadline and now >= self.next_deadline:
+                self._build_routes(now)
+            taken = self.drain_once()
+            if self.blocked:
+                self._poll(0)
+                self.store_counters()
+            words[me + S_HEARTBEAT_NS] = now
+            words[me + S_LOOPS] += 1
+            stopping = self._should_stop()
+            if stopping and now > words[H_DRAIN_DEADLINE_NS]:
+                break  # drain time is up: what is left is counted as not sent
+            if taken:
+                idle_since = 0
+                continue
+            if stopping:
+                if not self.blocked:
+                    break
+                if not idle_since:
+                    idle_since = now
+                elif now - idle_since > 2_000_000_000:
+                    break  # a receiver that never reads: stop waiting for it
+            self._sleep()
+        for ep in self.endpoints.values():
+            ep.drop_backlog()
+            ep.close()
+        self.store_counters()
+        return 0
+
+    def _should_stop(self) -> bool:
+        if self.words[H_STATE] != STATE_RUNNING:
+            return True
+        return self.parent_pid is not None and os.getppid() != self.parent_pid
+
+    def _sleep(self) -> None:
+        words = self.words
+        flag = self.my_word + S_SLEEPING
+        words[flag] = 1
+        if any(reader.pending() for _, reader in self.readers):
+            words[flag] = 0
+            return
+        timeout = MAX_SLEEP * 1000
+        if self.next_deadline:
+            timeout = min(timeout, max(0.0, (self.next_deadline - time.monotonic_ns()) / 1e6))
+        self._poll(timeout)
+        words[flag] = 0
+        self.doorbell.drain()

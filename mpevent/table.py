@@ -1,0 +1,106 @@
+"""What the hub publishes in the segment, and how every other process reads it.
+
+The hub is the only writer of these regions, so they need no lock:
+
+* **event names**: appended, never changed; the count word is stored after
+  the name, so a reader that sees the count sees the name;
+* **subscriber counts** per event: the producers' "anyone listening?" probe,
+  one 8-byte load;
+* **the subscription table**: a msgpack :class:`~mpevent.registry.Snapshot`
+  behind a sequence lock. The hub makes the generation odd, writes, makes it
+  even; a reader copies the blob and keeps it only if the generation was even
+  and unchanged across the copy. A hub killed mid-write leaves it odd:
+  readers keep their last good table instead of reading a torn one.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from .layout import EVENT_NAME_BYTES, H_EVENT_COUNT, H_TABLE_GEN
+from .registry import Registry, Snapshot
+from .segment import Segment
+
+_decode_snapshot = msgspec.msgpack.Decoder(Snapshot).decode
+_encode = msgspec.msgpack.Encoder().encode
+
+
+class TableTooLarge(ValueError):
+    pass
+
+
+def publish(seg: Segment, registry: Registry, known_events: int) -> int:
+    """Write everything that changed in ``registry``; returns the event count."""
+    words, buf, layout = seg.words, seg.buf, seg.layout
+    # New event names first, then the count that makes them visible.
+    for event_id in range(known_events, len(registry.events)):
+        raw = registry.events[event_id].encode()
+        at = layout.event_name_at(event_id)
+        words[at // 8] = len(raw)
+        buf[at + 8 : at + 8 + len(raw)] = raw
+    words[H_EVENT_COUNT] = len(registry.events)
+    # The table before the counts: a producer that sees a subscriber count
+    # go up raises an event that the sender can route.
+    blob = _encode(registry.snapshot())
+    capacity = layout.geometry.table_bytes - 8
+    if len(blob) > capacity:
+        raise TableTooLarge(
+            f"subscription table needs {len(blob)} bytes, table_bytes allows {capacity}"
+        )
+    gen = words[H_TABLE_GEN]
+    words[H_TABLE_GEN] = gen + 1 if gen % 2 == 0 else gen + 2  # odd: writing
+    at = layout.table_at
+    words[at // 8] = len(blob)
+    buf[at + 8 : at + 8 + len(blob)] = blob
+    words[H_TABLE_GEN] = words[H_TABLE_GEN] + 1  # even: consistent
+    counts = registry.counts()
+    for event_id in range(layout.geometry.max_events):
+        n = counts[event_id] if event_id < len(counts) else 0
+        w = layout.sub_count_word(event_id)
+        if words[w] != n:
+            words[w] = n
+    return len(registry.events)
+
+
+def clear_counts(seg: Segment) -> None:
+    """Make every producer's probe say "nobody listens" (stopping)."""
+    layout = seg.layout
+    for event_id in range(layout.geometry.max_events):
+        seg.words[layout.sub_count_word(event_id)] = 0
+
+
+def table_generation(seg: Segment) -> int:
+    return seg.words[H_TABLE_GEN]
+
+
+def read_snapshot(seg: Segment) -> tuple[int, Snapshot] | None:
+    """(generation, snapshot), or None while the hub is writing it."""
+    words, layout = seg.words, seg.layout
+    gen = words[H_TABLE_GEN]
+    if gen % 2:
+        return None
+    at = layout.table_at
+    n = words[at // 8]
+    if n > layout.geometry.table_bytes - 8:
+        return None
+    blob = bytes(seg.buf[at + 8 : at + 8 + n])
+    if words[H_TABLE_GEN] != gen:
+        return None
+    if n == 0:
+        return gen, Snapshot(0, [])
+    return gen, _decode_snapshot(blob)
+
+
+def event_names(seg: Segment, start: int = 0) -> list[str]:
+    """Names of events ``start``.. as published so far."""
+    words, buf, layout = seg.words, seg.buf, seg.layout
+    names = []
+    for event_id in range(start, words[H_EVENT_COUNT]):
+        at = layout.event_name_at(event_id)
+        n = min(words[at // 8], EVENT_NAME_BYTES - 8)
+        names.append(bytes(buf[at + 8 : at + 8 + n]).decode())
+    return names
+
+
+def sub_count(seg: Segment, event_id: int) -> int:
+    return seg.words[seg.layout.sub_count_word(event_id)]
