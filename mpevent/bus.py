@@ -86,6 +86,8 @@ class EventBus:
         self._hub_pid = pid
         self._client = MIClient(control, timeout=10.0)
         self.producer = Producer(self._seg, self._doorbells)
+        # The hot call goes straight to the producer: one Python call less.
+        self.raise_event = self.producer.raise_event  # type: ignore[method-assign]
         self._wait_running()
         self._finalizer = weakref.finalize(
             self, _shutdown, self._owner, pid, self._seg, self._doorbells

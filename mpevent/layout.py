@@ -26,7 +26,6 @@ Region order::
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
 
 MAGIC = 0x3156_4E45_5645_504D  # b"MPEVENV1" little-endian
@@ -76,14 +75,15 @@ LANE_BLOCK_WORDS = 24
 
 # Counters: 8 words per (lane, event) or (sender, subscription).
 COUNTER_WORDS = 8
-# Producer side, per lane and event.
-P_RAISED = 0  # raise_event calls that found a subscriber
-P_ENQUEUED = 1
-P_DROPPED = 2  # lane full, or no lane free
-P_REJECTED = 3  # bad params or oversize
-P_OVERSIZE = 4
-P_NO_SUBSCRIBER = 5
-PRODUCER_COUNTERS = ("raised", "enqueued", "dropped", "rejected", "oversize", "no_subscriber")
+# Producer side, per lane and event. Every raise_event call that finds a
+# subscriber ends in exactly one of enqueued, dropped or rejected, so
+# "raised" is their sum (one increment less on the fast path).
+P_ENQUEUED = 0
+P_DROPPED = 1  # lane full, or no lane free
+P_REJECTED = 2  # bad params or oversize
+P_OVERSIZE = 3  # among the rejected
+P_NO_SUBSCRIBER = 4  # returned at the probe: not raised
+PRODUCER_COUNTERS = ("enqueued", "dropped", "rejected", "oversize", "no_subscriber")
 # Consumer side, per lane and event.
 C_DISPATCHED = 0  # events taken from the ring and routed to >= 1 subscriber
 C_UNROUTED = 1  # events whose subscribers had all gone by send time
@@ -100,9 +100,9 @@ D_ENOENT = 6
 D_ID = 7  # id of the subscription these counters belong to
 DEST_COUNTERS = ("routed", "sent", "bytes", "failed", "dropped", "econnrefused", "enoent")
 
-# Record header in a lane: body length, event id, flags, raise time (ns).
-RECORD_HEADER = struct.Struct("=IHHQ")
-RECORD_HEADER_BYTES = RECORD_HEADER.size  # 16
+# Record header in a lane: two words, length | event_id << 32 | flags << 48,
+# and the raise time in ns (see mpevent.ring).
+RECORD_HEADER_BYTES = 16
 FLAG_WRAP = 1  # the rest of the lane is padding, the next record is at 0
 
 

@@ -105,7 +105,7 @@ def encode_params(params: Any) -> bytes:
     # orjson writes NaN and infinities as null; JSON cannot carry them, so a
     # "null" in the output is checked against the input (rare, off the
     # common path of str/int params).
-    if b"null" in body and _has_nonfinite(params):
+    if body.find(b"null") >= 0 and _has_nonfinite(params):
         raise PayloadError("params contain NaN or infinity, which JSON cannot carry")
     return body
 

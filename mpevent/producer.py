@@ -21,27 +21,39 @@ from __future__ import annotations
 
 import fcntl
 import os
+import sys
 import threading
 import time
 import weakref
 from typing import Any
+
+import orjson
 
 from .layout import (
     P_DROPPED,
     P_ENQUEUED,
     P_NO_SUBSCRIBER,
     P_OVERSIZE,
-    P_RAISED,
     P_REJECTED,
     S_SLEEPING,
 )
-from .payload import MAX_DATAGRAM, DatagramTooLarge, check_event_name, encode_params, params_prefix
+from .payload import (
+    MAX_DATAGRAM,
+    DatagramTooLarge,
+    PayloadError,
+    check_event_name,
+    encode_params,
+    params_prefix,
+)
 from .ring import LaneWriter, max_body
 from .segment import Segment
 from .table import event_names
 from .wakeup import Doorbell
 
 _NO_LANE_RETRY_NS = 1_000_000_000
+_GIL = getattr(sys, "_is_gil_enabled", lambda: True)()
+_dumps = orjson.dumps
+_clock = time.monotonic_ns
 _producers: weakref.WeakSet[Producer] = weakref.WeakSet()
 
 
@@ -77,7 +89,8 @@ class Producer:
         self._doorbells = doorbells
         self._ids: dict[str, int] = {}
         self._prefix_len: list[int] = []
-        self._max_body = min(MAX_DATAGRAM, max_body(seg.layout.geometry.lane_size))
+        self._max_params: list[int] = []  # largest encoded params per event id
+        self._max_body = max_body(seg.layout.geometry.lane_size)
         self._sub_count_at = seg.layout.sub_count_word(0)
         self._forget_lane()
         _producers.add(self)
@@ -102,8 +115,10 @@ class Producer:
     def _lookup(self, name: Any) -> int:
         check_event_name(name)
         for new_name in event_names(self._seg, len(self._prefix_len)):
+            prefix_len = len(params_prefix(new_name))
             self._ids[new_name] = len(self._prefix_len)
-            self._prefix_len.append(len(params_prefix(new_name)))
+            self._prefix_len.append(prefix_len)
+            self._max_params.append(min(MAX_DATAGRAM - prefix_len - 1, self._max_body))
         try:
             return self._ids[name]
         except KeyError:
@@ -121,42 +136,70 @@ class Producer:
         ``TypeError``/``ValueError`` for bad input, ``DatagramTooLarge``
         (a ``ValueError``) when the notification would exceed the limit.
         """
-        event_id = self._ids.get(event)
-        if event_id is None:
+        try:
+            event_id = self._ids[event]
+        except (KeyError, TypeError):
             event_id = self._lookup(event)
         words = self._words
+        if not words[self._sub_count_at + event_id]:
+            if self._lane is None:
+                self._claim()
+            if _GIL and self._lane is not None:
+                # Atomic under the GIL: no eval-breaker check (so no thread
+                # switch) between the load and the store of ``+=`` on a
+                # memoryview item; the lock would double this path's cost.
+                words[self._counters_at + P_NO_SUBSCRIBER + event_id * 8] += 1
+            else:
+                with self._lock:
+                    words[self._counters_at + P_NO_SUBSCRIBER + event_id * 8] += 1
+            return False
         if self._lane is None:
             self._claim()
         counters = self._counters_at + event_id * 8
-        if not words[self._sub_count_at + event_id]:
-            with self._lock:
-                words[counters + P_NO_SUBSCRIBER] += 1
-            return False
         try:
-            body = encode_params(params)
-            if len(body) + self._prefix_len[event_id] + 1 > MAX_DATAGRAM:
-                raise DatagramTooLarge(event, len(body) + self._prefix_len[event_id] + 1)
-        except (TypeError, ValueError) as exc:
-            self._count_rejected(counters, isinstance(exc, DatagramTooLarge))
-            raise
-        raised_ns = time.monotonic_ns()
-        with self._lock:
-            lane = self._lane
-            words[counters + P_RAISED] += 1
-            if lane is not None and lane.push(event_id, body, raised_ns):
-                words[counters + P_ENQUEUED] += 1
+            if params.__class__ is dict and params:  # the common case, inlined
+                body = _dumps(params)
+                # find(), not "in": bytes.__contains__ first tries the needle
+                # as an int and pays for the TypeError it then swallows.
+                if body.find(b"null") >= 0:
+                    body = encode_params(params)  # checks for NaN and infinities
             else:
+                body = encode_params(params)
+        except (TypeError, ValueError):
+            self._count_rejected(counters, False)
+            encode_params(params)  # raises the error that names the problem
+            raise
+        if len(body) > self._max_params[event_id]:
+            self._count_rejected(counters, True)
+            self._refuse_oversize(event, event_id, len(body))
+        raised_ns = _clock()
+        lock = self._lock
+        lock.acquire()  # not "with": the explicit calls cost half as much
+        try:
+            lane = self._lane
+            if lane is None or not lane.push(event_id, body, raised_ns):
                 words[counters + P_DROPPED] += 1
                 return False
+            words[counters + P_ENQUEUED] += 1
+        finally:
+            lock.release()
         if words[self._sleep_word]:
             words[self._sleep_word] = 0
             self._doorbell.ring()
         return True
 
+    def _refuse_oversize(self, event: str, event_id: int, params_len: int) -> None:
+        size = self._prefix_len[event_id] + params_len + 1
+        if size > MAX_DATAGRAM:
+            raise DatagramTooLarge(event, size)
+        raise PayloadError(
+            f"event {event!r}: {params_len} bytes of params do not fit a lane of "
+            f"{self._layout.geometry.lane_size} bytes (lane_size)"
+        )
+
     def _count_rejected(self, counters: int, oversize: bool) -> None:
         with self._lock:
             words = self._words
-            words[counters + P_RAISED] += 1
             words[counters + P_REJECTED] += 1
             if oversize:
                 words[counters + P_OVERSIZE] += 1
@@ -216,10 +259,16 @@ class _SpareLock:
         self._byte = byte
         self._local = threading.Lock()
 
-    def __enter__(self) -> None:
+    def acquire(self) -> None:
         self._local.acquire()
         fcntl.lockf(self._fd, fcntl.LOCK_EX, 1, self._byte)
 
-    def __exit__(self, *exc: object) -> None:
+    def release(self) -> None:
         fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, self._byte)
         self._local.release()
+
+    def __enter__(self) -> None:
+        self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

@@ -6,8 +6,10 @@ data, a power of two. ``head`` and ``tail`` are byte positions that only grow
 (64-bit: they never wrap in practice); the offset in the data is
 ``position & (size - 1)``.
 
-A record is a 16-byte header (body length, event id, flags, raise time in ns)
-followed by the body, padded to 8 bytes. A record never straddles the end of
+A record is a 16-byte header followed by the body, padded to 8 bytes. The
+header is two native 64-bit words: ``length | event_id << 32 | flags << 48``
+and the raise time in ns; words, not ``struct``, because they are the
+cheapest stores and loads Python has. A record never straddles the end of
 the data: when it does not fit, the producer writes a header with
 ``FLAG_WRAP`` (or, when fewer than 16 bytes remain, nothing: the consumer
 knows such a tail end is padding) and starts again at offset 0.
@@ -49,7 +51,6 @@ from .layout import (
     FLAG_WRAP,
     L_HEAD,
     L_TAIL,
-    RECORD_HEADER,
     RECORD_HEADER_BYTES,
 )
 
@@ -83,7 +84,6 @@ class LaneWriter:
         "_buf",
         "_head_word",
         "_mask",
-        "_pack",
         "_q",
         "_size",
         "_tail_word",
@@ -98,37 +98,46 @@ class LaneWriter:
         self._base = data_at
         self._size = size
         self._mask = size - 1
-        self._pack = RECORD_HEADER.pack_into
         # The producer is the only writer of tail, so it keeps its own copy;
         # it starts from what a previous (possibly dead) owner published.
         self.tail = words[self._tail_word]
 
-    def push(self, event_id: int, body: bytes, raised_ns: int, flags: int = 0) -> bool:
+    def push(self, event_id: int, body: bytes, raised_ns: int) -> bool:
         """Append one record; False (and nothing written) when the lane is full."""
         n = len(body)
-        span = (RECORD_HEADER_BYTES + n + 7) & ~7
+        span = (n + RECORD_HEADER_BYTES + 7) & ~7
         tail = self.tail
         off = tail & self._mask
-        to_end = self._size - off
-        need = span if span <= to_end else to_end + span
-        if tail + need - self._q[self._head_word] > self._size:
+        q = self._q
+        if span > self._size - off:
+            return self._push_wrapped(event_id, body, raised_ns, span, off)
+        if tail + span - q[self._head_word] > self._size:
             return False
-        if span > to_end:
-            if to_end >= RECORD_HEADER_BYTES:
-                self._pack(self._buf, self._base + off, 0, 0, FLAG_WRAP, 0)
-            tail += to_end
-            off = 0
-        at = self._base + off
-        self._pack(self._buf, at, n, event_id, flags, raised_ns)
+        # The header as two word stores (cheaper than struct.pack_into).
+        word = (self._base + off) >> 3
+        q[word] = n | event_id << 32
+        q[word + 1] = raised_ns
         if n:
-            at += RECORD_HEADER_BYTES
+            at = self._base + off + RECORD_HEADER_BYTES
             self._buf[at : at + n] = body
-        tail += span
-        self.tail = tail
+        self.tail = tail = tail + span
         if NEEDS_FENCE:
             fence()
-        self._q[self._tail_word] = tail  # publish: the record is complete
+        q[self._tail_word] = tail  # publish: the record is complete
         return True
+
+    def _push_wrapped(
+        self, event_id: int, body: bytes, raised_ns: int, span: int, off: int
+    ) -> bool:
+        """The record does not fit before the end: pad to the end, write at 0."""
+        to_end = self._size - off
+        tail = self.tail
+        if tail + to_end + span - self._q[self._head_word] > self._size:
+            return False
+        if to_end >= RECORD_HEADER_BYTES:
+            self._q[(self._base + off) >> 3] = FLAG_WRAP << 48
+        self.tail += to_end
+        return self.push(event_id, body, raised_ns)
 
     def used(self) -> int:
         return self.tail - self._q[self._head_word]
@@ -145,7 +154,6 @@ class LaneReader:
         "_q",
         "_size",
         "_tail_word",
-        "_unpack",
         "head",
     )
 
@@ -157,7 +165,6 @@ class LaneReader:
         self._base = data_at
         self._size = size
         self._mask = size - 1
-        self._unpack = RECORD_HEADER.unpack_from
         # Resume from the last committed position (a respawned sender).
         self.head = words[self._head_word]
 
@@ -178,17 +185,21 @@ class LaneReader:
         base = self._base
         mask = self._mask
         size = self._size
-        unpack = self._unpack
+        q = self._q
         while head < tail and limit > 0:
             off = head & mask
             to_end = size - off
             if to_end < RECORD_HEADER_BYTES:
                 head += to_end
                 continue
-            n, event_id, flags, raised_ns = unpack(buf, base + off)
-            if flags & FLAG_WRAP:
+            word = (base + off) >> 3
+            header = q[word]
+            if header >> 48 & FLAG_WRAP:
                 head += to_end
                 continue
+            n = header & 0xFFFFFFFF
+            event_id = header >> 32 & 0xFFFF
+            raised_ns = q[word + 1]
             at = base + off + RECORD_HEADER_BYTES
             self.head = head = head + ((RECORD_HEADER_BYTES + n + 7) & ~7)
             limit -= 1

@@ -43,6 +43,7 @@ from .layout import (
     D_SENT,
     H_DRAIN_DEADLINE_NS,
     H_STATE,
+    L_CLAIMS,
     S_HEARTBEAT_NS,
     S_LOOPS,
     S_PID,
@@ -59,6 +60,7 @@ from .wakeup import MAX_SLEEP, Doorbell
 BATCH = 256  # records per lane per loop: fairness between lanes
 DEFAULT_BACKLOG = 16384  # datagrams per destination
 RECONNECT_INTERVAL_NS = 50_000_000
+SPIN_NS = 100_000  # how long an idle sender polls its lanes before it sleeps
 
 
 class SubscriptionStats:
@@ -417,11 +419,26 @@ class Sender:
             return True
         return self.parent_pid is not None and os.getppid() != self.parent_pid
 
+    def _active_readers(self) -> list[LaneReader]:
+        """Readers of lanes some producer has claimed (the others stay empty)."""
+        words, layout = self.words, self.seg.layout
+        return [r for lane, r in self.readers if words[layout.lane_word(lane) + L_CLAIMS]]
+
     def _sleep(self) -> None:
+        # Spin a little before sleeping: while events keep coming, producers
+        # never find the sender asleep and never pay the doorbell syscall.
+        active = self._active_readers()
+        spin_until = time.monotonic_ns() + SPIN_NS
+        while time.monotonic_ns() < spin_until:
+            for reader in active:
+                if reader.pending():
+                    return
+            if self.blocked:
+                return
         words = self.words
         flag = self.my_word + S_SLEEPING
         words[flag] = 1
-        if any(reader.pending() for _, reader in self.readers):
+        if any(reader.pending() for reader in active):
             words[flag] = 0
             return
         timeout = MAX_SLEEP * 1000

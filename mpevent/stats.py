@@ -6,7 +6,8 @@ lost. Reading sums the blocks; any process mapping the segment can do it.
 
 The sums obey (guarantee 4, "accounting is exact")::
 
-    per event:        raised   = enqueued + dropped + rejected
+    per event:        raised   = enqueued + dropped + rejected  (by definition:
+                      each call that finds a subscriber ends in exactly one)
     after a drain:    enqueued = dispatched + unrouted + send_oversize (+ lost)
     per destination:  routed   = sent + failed + dropped + pending
 
@@ -30,7 +31,7 @@ from .registry import Snapshot
 from .segment import Segment
 from .table import event_names, read_snapshot
 
-EVENT_COUNTERS = (*PRODUCER_COUNTERS, *CONSUMER_COUNTERS)
+EVENT_COUNTERS = ("raised", *PRODUCER_COUNTERS, *CONSUMER_COUNTERS)
 
 
 def _claimed_lanes(seg: Segment) -> list[int]:
@@ -55,6 +56,7 @@ def event_counters(seg: Segment) -> dict[str, dict[str, int]]:
             w = layout.prod_counter_word(lane, event_id)
             for i, key in enumerate(PRODUCER_COUNTERS):
                 sums[key] += words[w + i]
+        sums["raised"] = sums["enqueued"] + sums["dropped"] + sums["rejected"]
         for lane in lanes:
             w = layout.cons_counter_word(lane, event_id)
             for i, key in enumerate(CONSUMER_COUNTERS):
