@@ -1,0 +1,116 @@
+"""Shared fixtures: every test must leave no process, segment or socket file behind."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+SHM = Path("/dev/shm")
+
+
+def _children() -> set[int]:
+    return {p.pid for p in psutil.Process().children(recursive=True)}
+
+
+def _mpevent_segments() -> set[str]:
+    return {p.name for p in SHM.iterdir() if "mpevent" in p.name}
+
+
+@pytest.fixture(autouse=True)
+def no_leaks(tmp_path: Path) -> Iterator[None]:
+    """Fail a test that leaves child processes, segments or socket files behind."""
+    before_children = _children()
+    before_segments = _mpevent_segments()
+    yield
+    deadline = time.monotonic() + 10
+    while True:
+        extra = _children() - before_children
+        # Zombies of our own forks are reaped by the tests; give stragglers time.
+        extra = {pid for pid in extra if psutil.pid_exists(pid)}
+        if not extra or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    leaked_segments = _mpevent_segments() - before_segments
+    sockets = [p for p in tmp_path.rglob("*") if p.is_socket()]
+    for pid in extra:
+        try:
+            os.kill(pid, 9)
+        except ProcessLookupError:
+            pass
+    for name in leaked_segments:
+        (SHM / name).unlink(missing_ok=True)
+    assert not extra, f"test left processes running: {sorted(extra)}"
+    assert not leaked_segments, f"test left shared-memory segments: {sorted(leaked_segments)}"
+    assert not sockets, f"test left socket files: {sockets}"
+
+
+class UdpSink:
+    """A UDP socket on loopback that collects datagrams."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+        self.sock.bind(("127.0.0.1", 0))
+        self.address = f"udp:127.0.0.1:{self.sock.getsockname()[1]}"
+
+    def receive(self, count: int, timeout: float = 10.0) -> list[bytes]:
+        """Up to ``count`` datagrams, waiting at most ``timeout`` for each."""
+        got = []
+        self.sock.settimeout(timeout)
+        try:
+            while len(got) < count:
+                got.append(self.sock.recv(70000))
+        except TimeoutError:
+            pass
+        return got
+
+    def quiet(self, wait: float = 0.3) -> list[bytes]:
+        """Whatever else arrives within ``wait`` seconds (expected: nothing)."""
+        return self.receive(1 << 30, timeout=wait)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class UnixSink(UdpSink):
+    """A UNIX datagram socket in the test's temporary directory."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.address = f"unix:{path}"
+
+    def close(self) -> None:
+        self.sock.close()
+        self.path.unlink(missing_ok=True)
+
+
+@pytest.fixture
+def udp_sink() -> Iterator[UdpSink]:
+    sink = UdpSink()
+    yield sink
+    sink.close()
+
+
+@pytest.fixture
+def unix_sink(tmp_path: Path) -> Iterator[UnixSink]:
+    sink = UnixSink(tmp_path / "sink.sock")
+    yield sink
+    sink.close()
+
+
+def wait_for(predicate, timeout: float = 10.0, interval: float = 0.01):
+    """Poll ``predicate`` until it returns a truthy value; generous for a noisy CI."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(interval)
