@@ -177,6 +177,7 @@ def test_sockaddr_is_accepted_by_connect(tmp_path):
             client.connect(unix.sockaddr)
             client.send(b"ping")
         assert server.recv(16) == b"ping"
+    path.unlink()
 
 
 def test_ipv6_sockaddr_is_accepted_by_connect():
