@@ -72,8 +72,14 @@ def record_span(body_len: int) -> int:
 
 
 def max_body(lane_size: int) -> int:
-    """The largest body that can ever fit: one record may take the whole lane."""
-    return lane_size - RECORD_HEADER_BYTES
+    """The largest body a producer should offer a lane of ``lane_size`` bytes.
+
+    A record that does not fit before the end of the lane needs the padding
+    to the end *and* its own span; up to half the lane, that always fits in
+    an empty lane, wherever the tail is. Larger records could be refused by
+    an empty lane, which would look like "ring full".
+    """
+    return lane_size // 2 - RECORD_HEADER_BYTES
 
 
 class LaneWriter:

@@ -28,7 +28,9 @@ import errno
 import fcntl
 import mmap
 import os
+import struct
 import time
+import weakref
 from pathlib import Path
 
 from .layout import (
@@ -51,6 +53,8 @@ from .layout import (
 )
 
 SHM_DIR = Path("/dev/shm")
+# struct flock on Linux: l_type, l_whence, l_start, l_len, l_pid (+ padding).
+_FLOCK = struct.Struct("@hhqqi4x")
 SEGMENT_MODE = 0o600
 
 
@@ -62,6 +66,18 @@ def shm_path(name: str) -> Path:
     if not name or "/" in name or name in (".", "..") or len(name) > 200:
         raise ValueError(f"invalid segment name {name!r}: use a short name without '/'")
     return SHM_DIR / name
+
+
+_segments: weakref.WeakSet[Segment] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    # Record locks are not inherited: the child holds none of its parent's lanes.
+    for seg in list(_segments):
+        seg.claimed.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class Segment:
@@ -76,6 +92,8 @@ class Segment:
         self.buf = memoryview(self._mmap)
         self.words = self.buf.cast("Q")
         self._closed = False
+        self.claimed: set[int] = set()  # lanes this process holds
+        _segments.add(self)
 
     @classmethod
     def create(cls, geometry: Geometry, name: str | None = None) -> Segment:
@@ -124,18 +142,27 @@ class Segment:
                 words = memoryview(head).cast("Q")
                 try:
                     magic, version = words[H_MAGIC], words[H_VERSION]
-                    geometry = Geometry(
-                        lanes=words[H_LANES],
-                        lane_size=words[H_LANE_SIZE],
-                        senders=words[H_SENDERS],
-                        max_events=words[H_MAX_EVENTS],
-                        max_subs=words[H_MAX_SUBS],
-                        table_bytes=words[H_TABLE_BYTES],
-                    )
+                    numbers = {
+                        "lanes": words[H_LANES],
+                        "lane_size": words[H_LANE_SIZE],
+                        "senders": words[H_SENDERS],
+                        "max_events": words[H_MAX_EVENTS],
+                        "max_subs": words[H_MAX_SUBS],
+                        "table_bytes": words[H_TABLE_BYTES],
+                    }
                 finally:
                     words.release()
+            # The magic is written last by the creator: without it the rest
+            # of the header is not there yet (or this is not our file).
             if magic != MAGIC or version != LAYOUT_VERSION:
-                raise SegmentError(f"{path} is not an mpevent segment of layout {LAYOUT_VERSION}")
+                raise SegmentError(
+                    f"{path} is not an mpevent segment of layout {LAYOUT_VERSION} "
+                    "(or it is still being created)"
+                )
+            try:
+                geometry = Geometry(**numbers)
+            except (TypeError, ValueError) as exc:
+                raise SegmentError(f"segment {path} has a bad header: {exc}") from None
             layout = Layout.of(geometry)
             if layout.size != size:
                 raise SegmentError(f"segment {path} is {size} bytes, its header says {layout.size}")
@@ -149,12 +176,15 @@ class Segment:
     def claim_lane(self, pid: int, start_time: int) -> int | None:
         """Take the first free lane for this process; None when all are owned."""
         for lane in range(self.layout.geometry.lanes):
+            if lane in self.claimed:
+                continue  # our own lock would not stop us from taking it twice
             try:
                 fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, lane)
             except OSError as exc:
                 if exc.errno in (errno.EACCES, errno.EAGAIN):
                     continue
                 raise
+            self.claimed.add(lane)
             w = self.layout.lane_word(lane)
             self.words[w + L_OWNER_PID] = pid
             self.words[w + L_OWNER_START] = start_time
@@ -162,16 +192,22 @@ class Segment:
             return lane
         return None
 
+    def lane_owner(self, lane: int) -> int | None:
+        """Pid of the live process holding ``lane``, or None.
+
+        F_GETLK only reports, so probing never takes or drops a lock (a
+        try-lock and unlock would drop our own claim: POSIX record locks
+        belong to the process).
+        """
+        if lane in self.claimed:
+            return os.getpid()
+        probe = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, lane, 1, 0)
+        got = fcntl.fcntl(self.fd, fcntl.F_GETLK, probe)
+        l_type, _, _, _, pid = _FLOCK.unpack(got)
+        return None if l_type == fcntl.F_UNLCK else pid
+
     def lane_is_owned(self, lane: int) -> bool:
-        """Whether a live process holds ``lane`` (probe without keeping it)."""
-        try:
-            fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, lane)
-        except OSError as exc:
-            if exc.errno in (errno.EACCES, errno.EAGAIN):
-                return True
-            raise
-        fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, lane)
-        return False
+        return self.lane_owner(lane) is not None
 
     # -- lifetime ---------------------------------------------------------
 

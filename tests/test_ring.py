@@ -42,7 +42,12 @@ from mpevent.layout import (
 from mpevent.ring import LaneReader, LaneWriter, max_body, record_span
 from mpevent.segment import SHM_DIR, Segment, SegmentError, shm_path
 
+
 # --- helpers -------------------------------------------------------------------
+def whole_lane_body(size: int) -> int:
+    """The largest body the raw ring can hold: one record taking the whole lane."""
+    return size - RECORD_HEADER_BYTES
+
 
 DATA_AT = 4096  # lane data offset in the bytearray-backed lanes
 CTL_BYTES = LANE_BLOCK_WORDS * 8  # 192: the control block at word 0
@@ -235,8 +240,8 @@ class LaneModel(RuleBasedStateMachine):
             st.one_of(
                 st.integers(0, 64),
                 st.integers(0, size),
-                st.just(max_body(size)),
-                st.just(max_body(size) + 1),
+                st.just(whole_lane_body(size)),
+                st.just(whole_lane_body(size) + 1),
                 st.integers(max(0, exact_end - 7), exact_end),
                 # leaves 8 bytes at the end: fewer than a header, implicit wrap
                 st.just(max(0, exact_end - 8)),
@@ -340,14 +345,23 @@ class BytearrayLane:
 def test_record_span() -> None:
     assert RECORD_HEADER_BYTES == 16
     assert [record_span(n) for n in (0, 1, 7, 8, 9, 16)] == [16, 24, 24, 24, 32, 32]
-    assert max_body(256) == 240
-    assert record_span(max_body(256)) == 256
+    assert whole_lane_body(256) == 240
+    assert record_span(whole_lane_body(256)) == 256
+    assert max_body(256) == 112  # what producers offer: half a lane
+
+
+@pytest.mark.parametrize("size", [256, 1024, 4096])
+def test_max_body_fits_an_empty_lane_wherever_the_tail_is(size: int) -> None:
+    """Producers never offer more than max_body, so an empty lane never says "full"."""
+    for start in range(0, size, 8):
+        lane = BytearrayLane(size, start=start)
+        assert lane.writer.push(1, b"x" * max_body(size), 0), start
 
 
 @pytest.mark.parametrize("size", [256, 1024])
 def test_whole_lane_record(size: int) -> None:
     lane = BytearrayLane(size)
-    body = os.urandom(max_body(size))
+    body = os.urandom(whole_lane_body(size))
     assert lane.writer.push(7, body, 123)
     assert lane.writer.used() == size
     assert not lane.writer.push(1, b"", 0), "a full lane took a record"
@@ -357,7 +371,7 @@ def test_whole_lane_record(size: int) -> None:
     assert not lane.writer.push(1, b"", 0)
     assert lane.drain() == [(8, body, 124)]
     # Larger than the lane: never fits, even when empty.
-    assert not lane.writer.push(9, os.urandom(max_body(size) + 1), 0)
+    assert not lane.writer.push(9, os.urandom(whole_lane_body(size) + 1), 0)
     assert lane.drain() == []
 
 
@@ -400,14 +414,15 @@ def test_wrap_marker_when_a_header_fits() -> None:
 
 def test_wrap_needs_room_for_the_padding_too() -> None:
     lane = BytearrayLane(256)
-    assert lane.writer.push(1, os.urandom(100), 1)  # tail 120
+    assert lane.writer.push(1, os.urandom(120), 1)  # span 136: tail at 136
     lane.drain()
-    # Empty lane, tail at 120: a 144-byte span fits neither before the end
-    # (136 bytes) nor after the 136 bytes of padding (120 + 136 + 144 > 256 + 120).
+    # Empty lane, 120 bytes to the end: a 144-byte span fits neither before
+    # the end nor at 0 after 120 bytes of padding (120 + 144 > 256).
     assert not lane.writer.push(2, os.urandom(128), 2)
-    # 120 bytes do fit after the padding.
-    assert lane.writer.push(3, os.urandom(104), 3)
-    assert lane.writer.tail == 256 + 120
+    assert lane.writer.tail == 136
+    # A 128-byte span does (120 + 128 <= 256).
+    assert lane.writer.push(3, os.urandom(112), 3)
+    assert lane.writer.tail == 256 + 128
     assert [e for e, _, _ in lane.drain()] == [3]
 
 
@@ -502,8 +517,9 @@ def test_four_producers_stress() -> None:
                 seg.words[seg.layout.lane_word(lane) + L_OWNER_PID] for lane in lane_of.values()
             }
             assert owners == set(pids)
-            for pid in pids:
-                pids[pid] = status = reap(pid)
+            for pid, status in pids.items():
+                if status is None:
+                    pids[pid] = status = reap(pid)
                 assert os.waitstatus_to_exitcode(status) == 0, f"child {pid}: {status}"
             # Nothing extra.
             for reader in readers:
@@ -607,8 +623,9 @@ def test_producer_killed_while_pushing(seed: int) -> None:
                     poll_children(pids)
                     assert time.monotonic() < deadline, "the last producer stalled"
                     time.sleep(0.001)
-            pids[pid] = status = reap(pid)
-            assert os.waitstatus_to_exitcode(status) == 0
+            if pids[pid] is None:
+                pids[pid] = reap(pid)
+            assert os.waitstatus_to_exitcode(pids[pid]) == 0
             checker.drain()
             assert checker.counts[killed_rounds] == final_count
             assert checker.round == killed_rounds
