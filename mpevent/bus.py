@@ -23,7 +23,7 @@ import weakref
 from typing import Any
 
 from . import stats
-from .client import MICallError, MIClient
+from .client import MICallError, MIClient, MIUnavailable
 from .destination import parse_destination
 from .hub import Hub, HubOptions, bind_datagram
 from .layout import H_STATE, STATE_RUNNING, Geometry
@@ -148,8 +148,12 @@ class EventBus:
         return self._seg
 
     def _call(self, method: str, params: Any) -> Any:
+        if not self._finalizer.alive and os.getpid() == self._owner:
+            raise BusError(f"{method} on a closed EventBus")
         try:
             return self._client.call(method, params)
+        except MIUnavailable as exc:
+            raise BusError(str(exc)) from None
         except MICallError as exc:
             if exc.code in (400, -32602):
                 raise ValueError(exc.message) from None
@@ -162,7 +166,13 @@ class EventBus:
 
         Also runs when the bus is garbage collected or the interpreter exits.
         """
+        if self._finalizer.alive and os.getpid() == self._owner:
+            self.raise_event = self._raise_after_close  # type: ignore[method-assign]
         self._finalizer()
+
+    @staticmethod
+    def _raise_after_close(event: str, params: Any = None) -> bool:
+        raise BusError(f"raise_event({event!r}) on a closed EventBus")
 
     def __enter__(self) -> EventBus:
         return self

@@ -42,6 +42,7 @@ from .layout import (
     STATE_STOPPING,
 )
 from .producer import Producer
+from .reclaim import LaneReclaimer
 from .registry import Registry
 from .segment import Segment
 from .sender import DEFAULT_BACKLOG, Sender
@@ -82,6 +83,7 @@ class Hub:
         self._signals: list[int] = []
         self._stat_baseline: dict[str, int] = {}
         self._producer: Producer | None = None
+        self.reclaimer = LaneReclaimer(seg)
         self._stopping = False
         self._wake_r, self._wake_w = os.pipe()
         for fd in (self._wake_r, self._wake_w):
@@ -240,6 +242,7 @@ class Hub:
             self._handle_signals()
             if self.registry.expire(time.monotonic_ns()):
                 self.commit()
+            self.reclaimer.scan()
             parent = self.options.parent_pid
             if parent is not None and os.getppid() != parent:
                 log.warning("the process that created the bus is gone; stopping")

@@ -51,6 +51,7 @@ H_TABLE_GEN = 11
 H_EVENT_COUNT = 12
 H_DRAIN_DEADLINE_NS = 13
 H_HUB_GEN = 14
+H_REPAIRED = 15  # enqueued counts the hub restored for dead producers
 
 STATE_STARTING = 0
 STATE_RUNNING = 1

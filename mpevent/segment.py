@@ -75,6 +75,7 @@ def _after_fork_in_child() -> None:
     # Record locks are not inherited: the child holds none of its parent's lanes.
     for seg in list(_segments):
         seg.claimed.clear()
+        seg.held.clear()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -92,7 +93,8 @@ class Segment:
         self.buf = memoryview(self._mmap)
         self.words = self.buf.cast("Q")
         self._closed = False
-        self.claimed: set[int] = set()  # lanes this process holds
+        self.claimed: set[int] = set()  # lanes this process produces into
+        self.held: set[int] = set()  # dead producers' lanes this process reclaims
         _segments.add(self)
 
     @classmethod
@@ -174,23 +176,57 @@ class Segment:
     # -- lanes ------------------------------------------------------------
 
     def claim_lane(self, pid: int, start_time: int) -> int | None:
-        """Take the first free lane for this process; None when all are owned."""
+        """Take the first free lane for this process; None when all are owned.
+
+        A lane is free when nobody holds its lock *and* its owner word is 0.
+        A lane whose owner died still names that owner until the hub has
+        let its sender drain it and made its counters add up
+        (:mod:`mpevent.reclaim`); until then it is skipped.
+        """
         for lane in range(self.layout.geometry.lanes):
-            if lane in self.claimed:
+            if lane in self.claimed or lane in self.held:
                 continue  # our own lock would not stop us from taking it twice
-            try:
-                fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, lane)
-            except OSError as exc:
-                if exc.errno in (errno.EACCES, errno.EAGAIN):
-                    continue
-                raise
-            self.claimed.add(lane)
+            if not self._try_lock(lane):
+                continue
             w = self.layout.lane_word(lane)
-            self.words[w + L_OWNER_PID] = pid
+            if self.words[w + L_OWNER_PID]:
+                self._unlock(lane)  # a dead owner's lane, not reclaimed yet
+                continue
+            self.claimed.add(lane)
             self.words[w + L_OWNER_START] = start_time
             self.words[w + L_CLAIMS] += 1
+            self.words[w + L_OWNER_PID] = pid
             return lane
         return None
+
+    def hold_dead_lane(self, lane: int) -> bool:
+        """Lock a lane whose owner died, so nobody claims it while it is reclaimed."""
+        if lane in self.claimed or lane in self.held:
+            return lane in self.held
+        if not self.words[self.layout.lane_word(lane) + L_OWNER_PID]:
+            return False  # free, not dead
+        if not self._try_lock(lane):
+            return False  # its owner is alive
+        self.held.add(lane)
+        return True
+
+    def free_held_lane(self, lane: int) -> None:
+        """Mark a held lane free and let producers claim it."""
+        self.words[self.layout.lane_word(lane) + L_OWNER_PID] = 0
+        self.held.discard(lane)
+        self._unlock(lane)
+
+    def _try_lock(self, lane: int) -> bool:
+        try:
+            fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, lane)
+        except OSError as exc:
+            if exc.errno in (errno.EACCES, errno.EAGAIN):
+                return False
+            raise
+        return True
+
+    def _unlock(self, lane: int) -> None:
+        fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, lane)
 
     def lane_owner(self, lane: int) -> int | None:
         """Pid of the live process holding ``lane``, or None.
@@ -199,7 +235,7 @@ class Segment:
         try-lock and unlock would drop our own claim: POSIX record locks
         belong to the process).
         """
-        if lane in self.claimed:
+        if lane in self.claimed or lane in self.held:
             return os.getpid()
         probe = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, lane, 1, 0)
         got = fcntl.fcntl(self.fd, fcntl.F_GETLK, probe)

@@ -326,12 +326,17 @@ class Sender:
                         pass
 
     def _poll(self, timeout_ms: float) -> None:
+        """Wait for the doorbell or blocked destinations; flush those writable."""
+        flushed = False
         for fd, _ in self.poller.poll(timeout_ms):
             ep = self._fd_endpoint.get(fd)
             if ep is None:
                 continue
+            flushed = True
             if ep.flush() or ep.sock is None:
                 self._unblock(ep)
+        if flushed:
+            self.store_counters()
 
     # -- the loop ---------------------------------------------------------
 
@@ -391,7 +396,6 @@ class Sender:
             taken = self.drain_once()
             if self.blocked:
                 self._poll(0)
-                self.store_counters()
             words[me + S_HEARTBEAT_NS] = now
             words[me + S_LOOPS] += 1
             stopping = self._should_stop()
@@ -427,14 +431,14 @@ class Sender:
     def _sleep(self) -> None:
         # Spin a little before sleeping: while events keep coming, producers
         # never find the sender asleep and never pay the doorbell syscall.
+        # Not while a destination is blocked: then poll() must wait for it to
+        # become writable, or a receiver that never reads keeps us spinning.
         active = self._active_readers()
-        spin_until = time.monotonic_ns() + SPIN_NS
+        spin_until = 0 if self.blocked else time.monotonic_ns() + SPIN_NS
         while time.monotonic_ns() < spin_until:
             for reader in active:
                 if reader.pending():
                     return
-            if self.blocked:
-                return
         words = self.words
         flag = self.my_word + S_SLEEPING
         words[flag] = 1

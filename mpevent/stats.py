@@ -23,6 +23,7 @@ from .layout import (
     CONSUMER_COUNTERS,
     D_ID,
     DEST_COUNTERS,
+    H_REPAIRED,
     L_CLAIMS,
     L_LOST,
     PRODUCER_COUNTERS,
@@ -106,4 +107,5 @@ def collect(seg: Segment) -> dict[str, Any]:
         "destinations": destinations,
         "totals": totals,
         "lost_in_flight": lost_in_flight(seg),
+        "repaired": seg.words[H_REPAIRED],
     }

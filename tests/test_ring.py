@@ -39,6 +39,7 @@ from mpevent.layout import (
     Geometry,
     Layout,
 )
+from mpevent.reclaim import LaneReclaimer
 from mpevent.ring import LaneReader, LaneWriter, max_body, record_span
 from mpevent.segment import SHM_DIR, Segment, SegmentError, shm_path
 
@@ -614,6 +615,10 @@ def test_producer_killed_while_pushing(seed: int) -> None:
                 checker.drain()
                 assert not checker.reader.pending()
                 assert not seg.lane_is_owned(0), "the kernel kept a dead process's lock"
+                # The dead owner's lane is not free until it is reclaimed.
+                assert seg.words[lane_word + L_OWNER_PID] == pid
+                assert [r.lane for r in LaneReclaimer(seg).scan()] == [0]
+                assert seg.words[lane_word + L_OWNER_PID] == 0
             # A last owner pushes a known number of records and exits.
             pid = fork_child(_doomed_producer, seg, killed_rounds, final_count, os.getpid())
             pids[pid] = None
@@ -790,6 +795,11 @@ def test_claim_gives_distinct_lanes_and_none_when_full() -> None:
             os.kill(first, signal.SIGKILL)
             pids[first] = os.waitpid(first, 0)[1]
             assert not seg.lane_is_owned(0)
+            # Dead but not reclaimed: a new producer must not take it yet.
+            pid = fork_child(_claim_and_report, seg, False, w)
+            pids[pid] = None
+            assert os.read(r, 1)[0] == 255
+            assert [x.lane for x in LaneReclaimer(seg).scan()] == [0]
             pid = fork_child(_claim_and_report, seg, False, w)
             pids[pid] = None
             assert os.read(r, 1)[0] == 0
