@@ -52,75 +52,78 @@ def _sink_socket(rcvbuf: int = 32 << 20) -> socket.socket:
     return sock
 
 
-def _per_call_ns(fn: Callable[[], Any], samples: int, between: Callable[[], None]) -> list[float]:
-    """Per-call CPU time (ns) the calling thread spent, for each sample of SAMPLE calls.
+def _sample_ns(fn: Callable[[], Any]) -> float:
+    """CPU time (ns) the calling thread spends per call, over SAMPLE calls.
 
     CPU time, not wall time: on 2 cores the sender and the machine's other
     work preempt the producer at random, and what a worker pays is the CPU
     its own thread spends (kernel time of its syscalls included).
     """
     clock = time.thread_time_ns
-    out = []
-    for _ in range(samples):
-        between()
-        t0 = clock()
-        for _ in range(SAMPLE):
-            fn()
-        out.append((clock() - t0) / SAMPLE)
-    return out
+    t0 = clock()
+    for _ in range(SAMPLE):
+        fn()
+    return (clock() - t0) / SAMPLE
+
+
+# Three events, so every case runs in every round without changing
+# subscriptions: drift of the machine hits all cases alike.
+CASES = (
+    ("no_subscriber", "E_NOBODY", 0),
+    ("1_subscriber", "E_ONE", 1),
+    ("64_subscribers", "E_MANY", 64),
+)
 
 
 def producer_cost(samples: int) -> dict[str, Any]:
+    """Per-call producer cost of each case, sampled in interleaved rounds."""
     sinks = [_sink_socket(1 << 20) for _ in range(64)]
     addrs = [f"udp:127.0.0.1:{s.getsockname()[1]}" for s in sinks]
-    results: dict[str, Any] = {}
+    results: dict[str, list[float]] = {key: [] for key, _, _ in CASES}
+    results["inline"] = []
+    out = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    target = sinks[0].getsockname()
+    dumps = orjson.dumps
     try:
         with EventBus(senders=1, lane_size=4 << 20) as bus:
-            bus.publish_event(EVENT)
+            for _, event, subscribers in CASES:
+                bus.publish_event(event)
+                for addr in addrs[:subscribers]:
+                    bus.subscribe(event, addr, expire=None)
             raise_event = bus.raise_event
-            raise_event(EVENT, PARAMS)  # claim the lane outside the timing
+            raise_event("E_ONE", PARAMS)  # claim the lane outside the timing
 
             def drained() -> None:
-                deadline = time.monotonic() + 10
-                while (
-                    bus.stats()["totals"]["dispatched"] + bus.stats()["totals"]["unrouted"]
-                    < bus.stats()["totals"]["enqueued"]
-                    and time.monotonic() < deadline
-                ):
+                """Let the sender empty the ring, so every timed call enqueues."""
+                deadline = time.monotonic() + 30
+                while time.monotonic() < deadline:
+                    t = bus.stats()["totals"]
+                    if t["dispatched"] + t["unrouted"] >= t["enqueued"]:
+                        break
                     time.sleep(0.001)
-                for s in sinks:  # keep the sinks' buffers from filling
-                    s.setblocking(False)
+                for sink in sinks:  # keep the sinks' buffers from filling
+                    sink.setblocking(False)
                     try:
-                        while s.recv(65536):
+                        while sink.recv(65536):
                             pass
                     except BlockingIOError:
                         pass
 
-            def raise_one() -> None:
-                raise_event(EVENT, PARAMS)
+            def inline() -> None:
+                out.sendto(dumps({"jsonrpc": "2.0", "method": "E_ONE", "params": PARAMS}), target)
 
-            results["no_subscriber"] = _per_call_ns(raise_one, samples, drained)
-            for n, key in ((1, "1_subscriber"), (64, "64_subscribers")):
-                for addr in addrs[:n]:
-                    bus.subscribe(EVENT, addr, expire=None)
-                results[key] = _per_call_ns(raise_one, samples, drained)
-                for addr in addrs[:n]:
-                    bus.unsubscribe(EVENT, addr)
-            totals = bus.stats()["totals"]
-            results["bus_totals"] = totals
-        out = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        target = sinks[0].getsockname()
-        dumps = orjson.dumps
-
-        def inline() -> None:
-            out.sendto(dumps({"jsonrpc": "2.0", "method": EVENT, "params": PARAMS}), target)
-
-        results["inline"] = _per_call_ns(inline, samples, lambda: None)
-        out.close()
+            for _ in range(samples):
+                for key, event, _ in CASES:
+                    drained()
+                    results[key].append(_sample_ns(lambda event=event: raise_event(event, PARAMS)))
+                drained()
+                results["inline"].append(_sample_ns(inline))
+            drained()
+            return {"samples_ns": results, "bus_totals": bus.stats()["totals"]}
     finally:
-        for s in sinks:
-            s.close()
-    return results
+        out.close()
+        for sink in sinks:
+            sink.close()
 
 
 # -- end to end ---------------------------------------------------------------
@@ -233,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     per_producer = 20_000 if args.quick else 100_000
 
     cost = producer_cost(samples)
-    med = {k: statistics.median(v) for k, v in cost.items() if isinstance(v, list)}
+    med = {k: statistics.median(v) for k, v in cost["samples_ns"].items()}
     e2e = end_to_end(per_producer)
 
     inline = med["inline"]

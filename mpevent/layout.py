@@ -13,7 +13,7 @@ different regions never share a cache line.
 Region order::
 
     header        4096 B   magic, geometry, state, table generation
-    senders       64 B per sender slot: sleeping flag, pid, heartbeat
+    senders       128 B per sender slot: sleeping flag line, pid/heartbeat line
     sub_count     8 B per event: live subscribers, the producers' probe
     event_names   72 B per event: length + UTF-8 name
     table         the hub's subscription snapshot (seqlock-protected blob)
@@ -29,7 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 MAGIC = 0x3156_4E45_5645_504D  # b"MPEVENV1" little-endian
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 CACHE_LINE = 64
 HEADER_BYTES = 4096
 MAX_SENDERS = 64
@@ -58,11 +58,15 @@ STATE_RUNNING = 1
 STATE_STOPPING = 2
 STATE_STOPPED = 3
 
-# Sender block words (relative to the block).
+# Sender block words (relative to the block): two cache lines, because
+# every producer reads the sleeping flag on every raise and the sender
+# writes its heartbeat on every loop; sharing a line would make each raise
+# a cache miss.
+SENDER_BLOCK = 2 * CACHE_LINE
 S_SLEEPING = 0
-S_PID = 1
-S_HEARTBEAT_NS = 2
-S_LOOPS = 3
+S_PID = 8
+S_HEARTBEAT_NS = 9
+S_LOOPS = 10
 
 # Lane control words (relative to the lane block); 3 cache lines so that the
 # producer's tail and the consumer's head never share one.
@@ -160,7 +164,7 @@ class Layout:
     def of(cls, g: Geometry) -> Layout:
         at = HEADER_BYTES
         senders_at = at
-        at += MAX_SENDERS * CACHE_LINE
+        at += MAX_SENDERS * SENDER_BLOCK
         sub_count_at = at
         at = _align(at + 8 * g.max_events)
         event_names_at = at
@@ -193,7 +197,7 @@ class Layout:
 
     # Word indexes (the segment viewed as uint64) of per-item blocks.
     def sender_word(self, sender: int) -> int:
-        return (self.senders_at + sender * CACHE_LINE) // 8
+        return (self.senders_at + sender * SENDER_BLOCK) // 8
 
     def sub_count_word(self, event_id: int) -> int:
         return self.sub_count_at // 8 + event_id

@@ -88,6 +88,7 @@ class LaneWriter:
     __slots__ = (
         "_base",
         "_buf",
+        "_head",
         "_head_word",
         "_mask",
         "_q",
@@ -107,6 +108,7 @@ class LaneWriter:
         # The producer is the only writer of tail, so it keeps its own copy;
         # it starts from what a previous (possibly dead) owner published.
         self.tail = words[self._tail_word]
+        self._head = words[self._head_word]  # a lower bound: the consumer only advances
 
     def push(self, event_id: int, body: bytes, raised_ns: int) -> bool:
         """Append one record; False (and nothing written) when the lane is full."""
@@ -117,8 +119,12 @@ class LaneWriter:
         q = self._q
         if span > self._size - off:
             return self._push_wrapped(event_id, body, raised_ns, span, off)
-        if tail + span - q[self._head_word] > self._size:
-            return False
+        if tail + span - self._head > self._size:
+            # Only now look at the consumer's head: reading it on every push
+            # would pull its cache line from the sender's core every time.
+            self._head = q[self._head_word]
+            if tail + span - self._head > self._size:
+                return False
         # The header as two word stores (cheaper than struct.pack_into).
         word = (self._base + off) >> 3
         q[word] = n | event_id << 32
@@ -138,8 +144,10 @@ class LaneWriter:
         """The record does not fit before the end: pad to the end, write at 0."""
         to_end = self._size - off
         tail = self.tail
-        if tail + to_end + span - self._q[self._head_word] > self._size:
-            return False
+        if tail + to_end + span - self._head > self._size:
+            self._head = self._q[self._head_word]
+            if tail + to_end + span - self._head > self._size:
+                return False
         if to_end >= RECORD_HEADER_BYTES:
             self._q[(self._base + off) >> 3] = FLAG_WRAP << 48
         self.tail += to_end

@@ -55,6 +55,7 @@ from .layout import (
 SHM_DIR = Path("/dev/shm")
 # struct flock on Linux: l_type, l_whence, l_start, l_len, l_pid (+ padding).
 _FLOCK = struct.Struct("@hhqqi4x")
+_MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 SEGMENT_MODE = 0o600
 
 
@@ -89,7 +90,9 @@ class Segment:
         self.layout = layout
         self.name = name
         self.owner = owner
-        self._mmap = mmap.mmap(fd, layout.size)
+        # MAP_POPULATE: fault every page in now, not on the producers' fast
+        # path (a first touch of a shared page costs microseconds).
+        self._mmap = mmap.mmap(fd, layout.size, flags=mmap.MAP_SHARED | _MAP_POPULATE)
         self.buf = memoryview(self._mmap)
         self.words = self.buf.cast("Q")
         self._closed = False
@@ -111,6 +114,15 @@ class Segment:
         try:
             os.fchmod(fd, SEGMENT_MODE)
             os.ftruncate(fd, layout.size)
+            # Allocate every page up front: the segment's memory is fixed at
+            # creation (guarantee 2), and a full /dev/shm fails here, with a
+            # clear error, rather than as SIGBUS in a producer later.
+            try:
+                os.posix_fallocate(fd, 0, layout.size)
+            except OSError as exc:
+                raise SegmentError(
+                    f"cannot allocate {layout.size} bytes of shared memory: {exc}"
+                ) from None
             seg = cls(fd, layout, name, owner=True)
         except BaseException:
             os.close(fd)

@@ -60,7 +60,8 @@ from .wakeup import MAX_SLEEP, Doorbell
 BATCH = 256  # records per lane per loop: fairness between lanes
 DEFAULT_BACKLOG = 16384  # datagrams per destination
 RECONNECT_INTERVAL_NS = 50_000_000
-SPIN_NS = 100_000  # how long an idle sender polls its lanes before it sleeps
+NAP = 50e-6  # an idle sender looks at its lanes this often...
+NAPS = 20  # ...this many times, before it sleeps until the doorbell rings
 
 
 class SubscriptionStats:
@@ -429,16 +430,19 @@ class Sender:
         return [r for lane, r in self.readers if words[layout.lane_word(lane) + L_CLAIMS]]
 
     def _sleep(self) -> None:
-        # Spin a little before sleeping: while events keep coming, producers
-        # never find the sender asleep and never pay the doorbell syscall.
-        # Not while a destination is blocked: then poll() must wait for it to
-        # become writable, or a receiver that never reads keeps us spinning.
+        # Nap briefly a few times before sleeping for real. While events keep
+        # coming, producers never find the sender asleep (no doorbell
+        # syscall), and the sender takes them in batches instead of reading
+        # each lane's tail line right behind the producer writing it (which
+        # would cost the producer a cache miss per event). Not while a
+        # destination is blocked: then poll() must wait for it.
         active = self._active_readers()
-        spin_until = 0 if self.blocked else time.monotonic_ns() + SPIN_NS
-        while time.monotonic_ns() < spin_until:
-            for reader in active:
-                if reader.pending():
-                    return
+        if not self.blocked:
+            for _ in range(NAPS):
+                time.sleep(NAP)
+                for reader in active:
+                    if reader.pending():
+                        return
         words = self.words
         flag = self.my_word + S_SLEEPING
         words[flag] = 1
