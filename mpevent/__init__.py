@@ -6,6 +6,7 @@ OpenSIPS sends. See README.md and DESIGN.md.
 """
 
 from .bus import BusError, EventBus
+from .connect import Connection, NotServing, connect
 from .destination import Destination, DestinationError, parse_destination
 from .payload import MAX_DATAGRAM, DatagramTooLarge, PayloadError, encode_notification
 from .producer import UnknownEvent
@@ -13,12 +14,15 @@ from .producer import UnknownEvent
 __all__ = [
     "MAX_DATAGRAM",
     "BusError",
+    "Connection",
     "DatagramTooLarge",
     "Destination",
     "DestinationError",
     "EventBus",
+    "NotServing",
     "PayloadError",
     "UnknownEvent",
+    "connect",
     "encode_notification",
     "parse_destination",
 ]

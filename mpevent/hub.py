@@ -22,17 +22,19 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import queue
 import select
 import signal
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import psutil
 
 from . import mi, stats, table
-from .destination import Destination
+from .destination import Destination, parse_destination
 from .layout import (
     H_DRAIN_DEADLINE_NS,
     H_HUB_PID,
@@ -61,6 +63,10 @@ class HubOptions:
     parent_pid: int | None = None  # embedded mode: stop when this process is gone
     stop_on_sigint: bool = True  # daemon: yes; embedded: the creator decides
     events: list[str] = field(default_factory=list)
+    # Permanent subscriptions (event, socket), as OpenSIPS's subscribe_event.
+    subscriptions: list[tuple[str, str]] = field(default_factory=list)
+    # Daemon: called on SIGHUP, returns new options (or None to keep these).
+    reload: Callable[[], HubOptions | None] | None = None
 
 
 class Hub:
@@ -85,6 +91,11 @@ class Hub:
         self._producer: Producer | None = None
         self.reclaimer = LaneReclaimer(seg)
         self._stopping = False
+        self._configured: set[tuple[str, Destination]] = set()
+        # Requests from transports running in other threads (HTTP): handled
+        # here, in the loop, so the registry has a single thread.
+        self._requests: queue.SimpleQueue[tuple[bytes, Callable[[bytes | None], None]]]
+        self._requests = queue.SimpleQueue()
         self._wake_r, self._wake_w = os.pipe()
         for fd in (self._wake_r, self._wake_w):
             os.set_blocking(fd, False)
@@ -214,9 +225,7 @@ class Hub:
         signal.signal(
             signal.SIGINT, self._on_signal if self.options.stop_on_sigint else signal.SIG_IGN
         )
-        for name in self.options.events:
-            self.registry.publish(name)
-        self.commit()
+        self._apply_configured()
         self.seg.words[H_HUB_PID] = os.getpid()
         self.seg.words[H_STATE] = STATE_RUNNING
         for index in range(self.seg.layout.geometry.senders):
@@ -239,6 +248,7 @@ class Hub:
                         pass
                 else:
                     self._serve(by_fd[fd])
+            self._serve_queued()
             self._handle_signals()
             if self.registry.expire(time.monotonic_ns()):
                 self.commit()
@@ -258,7 +268,61 @@ class Hub:
                 log.info("received %s: draining and stopping", signal.Signals(sig).name)
                 self._stopping = True
             elif sig == signal.SIGHUP:
-                log.info("SIGHUP: nothing to reload in embedded mode")
+                self._reload()
+
+    def _reload(self) -> None:
+        if self.options.reload is None:
+            log.info("SIGHUP: nothing to reload in embedded mode")
+            return
+        try:
+            new = self.options.reload()
+        except Exception as exc:  # a bad file keeps the configuration we have
+            log.error("SIGHUP: configuration not reloaded: %s", exc)
+            return
+        if new is None:
+            return
+        self.options = new
+        self._apply_configured()
+        log.info("SIGHUP: configuration reloaded")
+
+    def _apply_configured(self) -> None:
+        """Publish configured events; make permanent subscriptions match the config."""
+        registry = self.registry
+        for name in self.options.events:
+            registry.publish(name)
+        wanted = set()
+        for event, sock in self.options.subscriptions:
+            registry.publish(event)
+            dest = parse_destination(sock)
+            wanted.add((event, dest))
+            registry.subscribe(event, dest, None, self.now_ns())
+        for event, dest in self._configured - wanted:
+            registry.unsubscribe(event, dest)
+        self._configured = wanted
+        self.commit()
+
+    def submit(self, raw: bytes, reply: Callable[[bytes | None], None]) -> None:
+        """Hand a request to the loop from another thread; ``reply`` gets the answer."""
+        self._requests.put((raw, reply))
+        try:
+            os.write(self._wake_w, b"\0")
+        except OSError:
+            pass
+
+    def _serve_queued(self) -> None:
+        while True:
+            try:
+                raw, reply = self._requests.get_nowait()
+            except queue.Empty:
+                return
+            reply(self._handle(raw))
+
+    def _handle(self, raw: bytes) -> bytes | None:
+        try:
+            return mi.handle(self, raw)
+        except Exception:
+            log.exception("MI request failed")
+            return mi.INTERNAL_ERROR_REPLY
 
     def _serve(self, sock: socket.socket) -> None:
         for _ in range(64):  # bounded: signals and expiry must not starve
@@ -269,11 +333,7 @@ class Hub:
             except OSError as exc:
                 log.warning("MI receive failed: %s", exc)
                 return
-            try:
-                reply = mi.handle(self, raw)
-            except Exception:
-                log.exception("MI request failed")
-                reply = mi.INTERNAL_ERROR_REPLY
+            reply = self._handle(raw)
             if reply is None or not addr:
                 continue
             try:

@@ -53,6 +53,11 @@ H_DRAIN_DEADLINE_NS = 13
 H_HUB_GEN = 14
 H_REPAIRED = 15  # enqueued counts the hub restored for dead producers
 
+# Bytes 1024..4095 of the header: where attachers find the daemon's MI and
+# doorbells (a length-prefixed JSON object, written before STATE_RUNNING).
+INFO_AT = 1024
+INFO_BYTES = HEADER_BYTES - INFO_AT
+
 STATE_STARTING = 0
 STATE_RUNNING = 1
 STATE_STOPPING = 2

@@ -25,17 +25,21 @@ import sys
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import orjson
 
 from .layout import (
+    H_HUB_PID,
+    H_STATE,
     P_DROPPED,
     P_ENQUEUED,
     P_NO_SUBSCRIBER,
     P_OVERSIZE,
     P_REJECTED,
     S_SLEEPING,
+    STATE_RUNNING,
 )
 from .payload import (
     MAX_DATAGRAM,
@@ -51,6 +55,7 @@ from .table import event_names
 from .wakeup import Doorbell
 
 _NO_LANE_RETRY_NS = 1_000_000_000
+_HEALTH_CHECK_NS = 500_000_000
 _GIL = getattr(sys, "_is_gil_enabled", lambda: True)()
 _dumps = orjson.dumps
 _clock = time.monotonic_ns
@@ -82,7 +87,22 @@ def process_start_time(pid: int) -> int:
 class Producer:
     """Raises events into a segment from any process that maps it."""
 
-    def __init__(self, seg: Segment, doorbells: list[Doorbell]):
+    def __init__(
+        self,
+        seg: Segment,
+        doorbells: list[Doorbell],
+        on_hub_down: Callable[[], None] | None = None,
+    ):
+        #: Called (from the slow paths only) when the hub looks gone; the
+        #: daemon client uses it to reattach. Embedded buses have no hook.
+        self.on_hub_down = on_hub_down
+        #: raise_event calls that returned False because the hub was gone.
+        self.undelivered = 0
+        self.bind(seg, doorbells)
+        _producers.add(self)
+
+    def bind(self, seg: Segment, doorbells: list[Doorbell]) -> None:
+        """Raise into ``seg`` from now on (also: reattach to a new segment)."""
         self._seg = seg
         self._words = seg.words
         self._layout = seg.layout
@@ -92,8 +112,8 @@ class Producer:
         self._max_params: list[int] = []  # largest encoded params per event id
         self._max_body = max_body(seg.layout.geometry.lane_size)
         self._sub_count_at = seg.layout.sub_count_word(0)
+        self._next_health_check = 0
         self._forget_lane()
-        _producers.add(self)
 
     def _forget_lane(self) -> None:
         self._lock = threading.Lock()
@@ -142,6 +162,8 @@ class Producer:
             event_id = self._lookup(event)
         words = self._words
         if not words[self._sub_count_at + event_id]:
+            if words[H_STATE] != STATE_RUNNING:
+                return self._hub_down()
             if self._lane is None:
                 self._claim()
             if _GIL and self._lane is not None:
@@ -179,10 +201,16 @@ class Producer:
             lane = self._lane
             if lane is None or not lane.push(event_id, body, raised_ns):
                 words[counters + P_DROPPED] += 1
-                return False
-            words[counters + P_ENQUEUED] += 1
+                dropped = True
+            else:
+                words[counters + P_ENQUEUED] += 1
+                dropped = False
         finally:
             lock.release()
+        if dropped:
+            if self.on_hub_down is not None:
+                self._check_hub()  # a full lane may mean nobody drains it any more
+            return False
         if words[self._sleep_word]:
             words[self._sleep_word] = 0
             self._doorbell.ring()
@@ -196,6 +224,30 @@ class Producer:
             f"event {event!r}: {params_len} bytes of params do not fit a lane of "
             f"{self._layout.geometry.lane_size} bytes (lane_size)"
         )
+
+    def _hub_down(self) -> bool:
+        """The hub stopped: count, maybe reattach (rate-limited), never raise."""
+        self.undelivered += 1
+        if self.on_hub_down is not None and _clock() >= self._next_health_check:
+            self._next_health_check = _clock() + _HEALTH_CHECK_NS
+            self.on_hub_down()
+        return False
+
+    def _check_hub(self) -> None:
+        """On a full lane: is the hub alive? At most every _HEALTH_CHECK_NS."""
+        now = _clock()
+        if now < self._next_health_check:
+            return
+        self._next_health_check = now + _HEALTH_CHECK_NS
+        pid = self._words[H_HUB_PID]
+        if not pid:
+            return
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            self.on_hub_down()
+        except PermissionError:
+            pass  # alive, and someone else's
 
     def _count_rejected(self, counters: int, oversize: bool) -> None:
         with self._lock:

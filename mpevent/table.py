@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import msgspec
 
-from .layout import EVENT_NAME_BYTES, H_EVENT_COUNT, H_TABLE_GEN
+from .layout import EVENT_NAME_BYTES, H_EVENT_COUNT, H_TABLE_GEN, INFO_AT, INFO_BYTES
 from .registry import Registry, Snapshot
 from .segment import Segment
 
@@ -104,3 +104,19 @@ def event_names(seg: Segment, start: int = 0) -> list[str]:
 
 def sub_count(seg: Segment, event_id: int) -> int:
     return seg.words[seg.layout.sub_count_word(event_id)]
+
+
+def write_info(seg: Segment, info: dict) -> None:
+    """What an attaching process needs to find the daemon (MI, doorbells)."""
+    blob = msgspec.json.encode(info)
+    if len(blob) > INFO_BYTES - 8:
+        raise ValueError(f"segment info is {len(blob)} bytes, max {INFO_BYTES - 8}")
+    seg.buf[INFO_AT + 8 : INFO_AT + 8 + len(blob)] = blob
+    seg.words[INFO_AT // 8] = len(blob)
+
+
+def read_info(seg: Segment) -> dict:
+    n = min(seg.words[INFO_AT // 8], INFO_BYTES - 8)
+    if not n:
+        return {}
+    return msgspec.json.decode(bytes(seg.buf[INFO_AT + 8 : INFO_AT + 8 + n]))

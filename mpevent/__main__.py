@@ -1,0 +1,7 @@
+"""``python -m mpevent`` is the ``mpevent`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

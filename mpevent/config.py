@@ -1,0 +1,248 @@
+"""The daemon's configuration: TOML file plus command-line overrides, validated.
+
+Pure: reading the file is the only I/O. Every error names the file, the key
+and what is wrong, and the daemon does not start (or, on SIGHUP, keeps the
+configuration it has). Example::
+
+    events = ["E_PIKE_BLOCKED", "E_SIP_REQUEST"]
+
+    [segment]
+    name = "mpevent"        # /dev/shm/mpevent
+    lanes = 32
+    lane_size = 1048576     # bytes, a power of two
+    senders = 1
+
+    [mi]
+    udp = "127.0.0.1:8080"  # "" disables a listener
+    unix = "/run/mpevent/mpevent.sock"
+    unix_mode = "0660"
+    http = "127.0.0.1:8888"
+
+    [log]
+    level = "info"
+
+    [[subscribe]]           # permanent, like OpenSIPS's subscribe_event
+    event = "E_PIKE_BLOCKED"
+    socket = "udp:127.0.0.1:9000"
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgspec
+
+from .destination import DestinationError, parse_destination
+from .layout import Geometry
+from .payload import check_event_name
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+DEFAULT_NAME = "mpevent"
+DEFAULT_MI_UDP = "127.0.0.1:8080"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message says where and why."""
+
+
+def runtime_dir() -> Path:
+    """Where sockets and FIFOs go: $XDG_RUNTIME_DIR/mpevent, /run/mpevent as root, else /tmp."""
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg:
+        return Path(xdg) / "mpevent"
+    if os.geteuid() == 0:
+        return Path("/run/mpevent")
+    return Path(f"/tmp/mpevent-{os.getuid()}")
+
+
+class _Strict(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    pass
+
+
+class SegmentSection(_Strict):
+    name: str = DEFAULT_NAME
+    lanes: int = 32
+    lane_size: int = 1 << 20
+    senders: int = 1
+    max_events: int = 256
+    max_subs: int = 1024
+    backlog: int = 16384
+    drain_timeout: float = 5.0
+
+
+class MISection(_Strict):
+    udp: str | None = None  # None: the default; "": disabled
+    unix: str | None = None
+    unix_mode: str = "0660"
+    http: str = ""
+    allow_remote: bool = False  # bind beyond loopback (a warning is logged)
+
+
+class LogSection(_Strict):
+    level: str = "info"
+
+
+class Subscribe(_Strict):
+    event: str
+    socket: str
+
+
+class FileConfig(_Strict):
+    events: list[str] = msgspec.field(default_factory=list)
+    segment: SegmentSection = msgspec.field(default_factory=SegmentSection)
+    mi: MISection = msgspec.field(default_factory=MISection)
+    log: LogSection = msgspec.field(default_factory=LogSection)
+    subscribe: list[Subscribe] = msgspec.field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Everything ``mpevent serve`` runs with, validated."""
+
+    name: str
+    geometry: Geometry
+    backlog: int
+    drain_timeout: float
+    mi_udp: tuple[str, int] | None
+    mi_unix: Path | None
+    mi_unix_mode: int
+    mi_http: tuple[str, int] | None
+    log_level: str
+    events: tuple[str, ...]
+    subscriptions: tuple[tuple[str, str], ...]  # (event, canonical socket)
+    runtime_dir: Path
+    source: str  # the file it came from, for messages
+
+
+def load(path: str | Path | None, overrides: dict[str, object] | None = None) -> ServeConfig:
+    """Read ``path`` (None: defaults only), apply ``overrides`` ("section.key": value)."""
+    where = str(path) if path else "<defaults>"
+    raw = b""
+    if path:
+        try:
+            raw = Path(path).read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"{where}: cannot read: {exc.strerror}") from None
+    try:
+        data = msgspec.toml.decode(raw, type=FileConfig) if raw else FileConfig()
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{where}: {_key_from_msgspec(str(exc))}") from None
+    except msgspec.DecodeError as exc:
+        raise ConfigError(f"{where}: not valid TOML: {exc}") from None
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        section, _, field = key.partition(".")
+        target = getattr(data, section) if field else data
+        setattr(target, field or section, value)
+    return _validate(data, where)
+
+
+def _key_from_msgspec(message: str) -> str:
+    # "Expected `int`, got `str` - at `$.segment.lanes`" -> "segment.lanes: expected int, got str"
+    text, _, at = message.partition(" - at ")
+    key = at.strip("`").removeprefix("$.").removeprefix("$") or "top level"
+    return f"key {key}: {text.replace('`', '')}"
+
+
+def _validate(c: FileConfig, where: str) -> ServeConfig:
+    def fail(key: str, problem: str) -> ConfigError:
+        return ConfigError(f"{where}: key {key}: {problem}")
+
+    seg = c.segment
+    if not seg.name or "/" in seg.name or len(seg.name) > 200:
+        raise fail("segment.name", f"{seg.name!r} must be a short name without '/'")
+    try:
+        geometry = Geometry(
+            lanes=seg.lanes,
+            lane_size=seg.lane_size,
+            senders=seg.senders,
+            max_events=seg.max_events,
+            max_subs=seg.max_subs,
+        )
+    except (TypeError, ValueError) as exc:
+        key = str(exc).split(" ", 1)[0]
+        raise fail(f"segment.{key}", str(exc)) from None
+    if seg.backlog < 1:
+        raise fail("segment.backlog", f"must be at least 1, got {seg.backlog}")
+    if not 0 <= seg.drain_timeout <= 3600:
+        raise fail("segment.drain_timeout", f"must be 0..3600 seconds, got {seg.drain_timeout}")
+    rundir = runtime_dir()
+    mi = c.mi
+    udp = _host_port(DEFAULT_MI_UDP if mi.udp is None else mi.udp, "mi.udp", fail, mi.allow_remote)
+    http = _host_port(mi.http, "mi.http", fail, mi.allow_remote)
+    unix = None
+    if mi.unix is None:
+        unix = rundir / f"{seg.name}.sock"
+    elif mi.unix:
+        unix = Path(mi.unix)
+        if not unix.is_absolute():
+            raise fail("mi.unix", f"{mi.unix!r} must be an absolute path")
+        if len(os.fsencode(unix)) > 107:
+            raise fail("mi.unix", "path too long for sun_path (max 107 bytes)")
+    try:
+        mode = int(mi.unix_mode, 8)
+        if not 0 <= mode <= 0o777:
+            raise ValueError
+    except ValueError:
+        raise fail("mi.unix_mode", f"{mi.unix_mode!r} is not an octal mode like '0660'") from None
+    level = c.log.level.lower()
+    if level not in LOG_LEVELS:
+        raise fail("log.level", f"{c.log.level!r} is not one of {', '.join(LOG_LEVELS)}")
+    for i, name in enumerate(c.events):
+        try:
+            check_event_name(name)
+        except (TypeError, ValueError) as exc:
+            raise fail(f"events[{i}]", str(exc)) from None
+    subs = []
+    for i, sub in enumerate(c.subscribe):
+        try:
+            check_event_name(sub.event)
+        except (TypeError, ValueError) as exc:
+            raise fail(f"subscribe[{i}].event", str(exc)) from None
+        try:
+            dest = parse_destination(sub.socket)
+        except DestinationError as exc:
+            raise fail(f"subscribe[{i}].socket", str(exc)) from None
+        subs.append((sub.event, str(dest)))
+    events = tuple(dict.fromkeys([*c.events, *(e for e, _ in subs)]))
+    return ServeConfig(
+        name=seg.name,
+        geometry=geometry,
+        backlog=seg.backlog,
+        drain_timeout=seg.drain_timeout,
+        mi_udp=udp,
+        mi_unix=unix,
+        mi_unix_mode=mode,
+        mi_http=http,
+        log_level=level,
+        events=events,
+        subscriptions=tuple(subs),
+        runtime_dir=rundir,
+        source=where,
+    )
+
+
+def _host_port(text: str, key: str, fail, allow_remote: bool) -> tuple[str, int] | None:
+    if not text:
+        return None
+    host, sep, port_text = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host:
+        raise fail(key, f"{text!r} must be HOST:PORT")
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise fail(key, f"port {port_text!r} is not a number") from None
+    if not 1 <= port <= 65535:
+        raise fail(key, f"port {port} out of range 1-65535")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raise fail(key, f"{host!r} is not an IP address") from None
+    if not ip.is_loopback and not allow_remote:
+        raise fail(key, f"{host} is not a loopback address; set mi.allow_remote = true to allow it")
+    return str(ip), port

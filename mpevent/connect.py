@@ -1,0 +1,148 @@
+"""Attaching to a running ``mpevent serve`` by name, from any process.
+
+:func:`connect` maps the daemon's named segment and returns a
+:class:`Connection` with the same ``publish_event`` and ``raise_event`` as
+:class:`~mpevent.EventBus`. The fast path is the same code (a
+:class:`~mpevent.producer.Producer`), so raising costs the same.
+
+When the daemon stops or dies, raising never raises into the caller and
+never blocks: a stopped hub has cleared every subscriber count, so calls
+return ``False`` at the probe; a killed hub leaves lanes that fill up, and
+calls return ``False`` as "dropped". Only on those slow paths, at most twice
+a second, the connection looks for a new segment of the same name and, when
+a new hub runs, reattaches to it by itself. What could not be delivered in
+between is counted in :attr:`Connection.undelivered`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+from . import stats
+from .client import MICallError, MIClient, MIUnavailable
+from .config import DEFAULT_NAME
+from .layout import H_STATE, STATE_RUNNING
+from .producer import Producer
+from .segment import Segment, SegmentError, shm_path
+from .table import read_info
+from .wakeup import Doorbell
+
+log = logging.getLogger("mpevent.connect")
+
+
+class NotServing(ConnectionError):
+    """No running hub serves that segment name."""
+
+
+def _attach(name: str, timeout: float) -> tuple[Segment, list[Doorbell], dict]:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            seg = Segment.attach(name)
+        except SegmentError as exc:
+            if time.monotonic() > deadline:
+                raise NotServing(str(exc)) from None
+            time.sleep(0.01)
+            continue
+        if seg.words[H_STATE] == STATE_RUNNING:
+            break
+        seg.close()
+        if time.monotonic() > deadline:
+            raise NotServing(f"segment {shm_path(name)} exists but no hub runs it")
+        time.sleep(0.01)
+    try:
+        info = read_info(seg)
+        doorbells = [Doorbell.open_fifo(path) for path in info.get("doorbells", [])]
+    except (OSError, ValueError) as exc:
+        seg.close()
+        raise NotServing(f"cannot open the doorbells of {shm_path(name)}: {exc}") from None
+    return seg, doorbells, info
+
+
+class Connection:
+    """A producer handle on a daemon's segment; survives daemon restarts."""
+
+    def __init__(self, name: str = DEFAULT_NAME, timeout: float = 5.0):
+        self.name = name
+        seg, doorbells, info = _attach(name, timeout)
+        self._seg = seg
+        self._doorbells = doorbells
+        self._inode = os.fstat(seg.fd).st_ino
+        self._mi = MIClient(info["mi"]) if info.get("mi") else None
+        self.producer = Producer(seg, doorbells, on_hub_down=self._reattach)
+        # The hot call goes straight to the producer, as in EventBus.
+        self.raise_event = self.producer.raise_event
+        self.reattached = 0
+
+    @property
+    def undelivered(self) -> int:
+        """raise_event calls refused because the hub was stopped or gone."""
+        return self.producer.undelivered
+
+    def publish_event(self, name: str) -> int:
+        return self.mi("event_publish", [name])["id"]
+
+    def subscribe(self, event: str, socket: str, expire: int | None = 3600) -> None:
+        self.mi("event_subscribe", {"event": event, "socket": socket, "expire": expire})
+
+    def unsubscribe(self, event: str, socket: str) -> None:
+        self.subscribe(event, socket, expire=0)
+
+    def stats(self) -> dict[str, Any]:
+        data = stats.collect(self._seg)
+        data["undelivered"] = self.undelivered
+        return data
+
+    def mi(self, method: str, params: Any = None) -> Any:
+        if self._mi is None:
+            raise NotServing("the daemon has no MI listener this process can use")
+        try:
+            return self._mi.call(method, params)
+        except MICallError as exc:
+            if exc.code in (400, -32602):
+                raise ValueError(exc.message) from None
+            raise
+        except MIUnavailable as exc:
+            raise NotServing(str(exc)) from None
+
+    def _reattach(self) -> None:
+        """Called by the producer's slow paths: is there a new hub to attach to?"""
+        try:
+            inode = os.stat(shm_path(self.name)).st_ino
+        except OSError:
+            return  # no segment: the daemon is down; keep counting
+        if inode == self._inode and self._seg.words[H_STATE] == STATE_RUNNING:
+            return
+        try:
+            seg, doorbells, info = _attach(self.name, timeout=0)
+        except NotServing:
+            return
+        old_seg, old_bells = self._seg, self._doorbells
+        self._seg, self._doorbells = seg, doorbells
+        self._inode = os.fstat(seg.fd).st_ino
+        self._mi = MIClient(info["mi"]) if info.get("mi") else None
+        self.producer.bind(seg, doorbells)
+        self.reattached += 1
+        log.info("reattached to a new hub on segment %s", shm_path(self.name))
+        for bell in old_bells:
+            bell.close()
+        old_seg.close()
+
+    def close(self) -> None:
+        for bell in self._doorbells:
+            bell.close()
+        self._seg.close()
+
+    def __enter__(self) -> Connection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def connect(name: str = DEFAULT_NAME, timeout: float = 5.0) -> Connection:
+    """Attach to the segment of ``mpevent serve --name NAME`` (waits up to ``timeout``)."""
+    return Connection(name, timeout)
