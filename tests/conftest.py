@@ -114,3 +114,97 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.01):
         if value or time.monotonic() > deadline:
             return value
         time.sleep(interval)
+
+
+def free_port(kind: int = socket.SOCK_DGRAM) -> int:
+    """A port nobody uses right now on 127.0.0.1 (UDP and TCP checked)."""
+    while True:
+        with socket.socket(socket.AF_INET, kind) as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        other = socket.SOCK_STREAM if kind == socket.SOCK_DGRAM else socket.SOCK_DGRAM
+        with socket.socket(socket.AF_INET, other) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+
+
+class Daemon:
+    """A running ``mpevent serve`` in a subprocess, isolated in tmp_path."""
+
+    def __init__(self, tmp_path: Path, extra_args: tuple[str, ...] = (), config: str | None = None):
+        import secrets
+        import subprocess
+        import sys
+
+        self.name = f"mpevent-test-{os.getpid()}-{secrets.token_hex(3)}"
+        self.udp_port = free_port()
+        self.http_port = free_port(socket.SOCK_STREAM)
+        self.run_dir = tmp_path / "run"
+        self.unix_path = self.run_dir / "mi.sock"
+        self.udp = f"udp:127.0.0.1:{self.udp_port}"
+        self.unix = f"unix:{self.unix_path}"
+        self.http = f"http://127.0.0.1:{self.http_port}/mi"
+        self.log_path = tmp_path / "serve.log"
+        self.config_path = tmp_path / "mpevent.toml"
+        args = [
+            sys.executable, "-m", "mpevent", "serve",
+            "--name", self.name,
+            "--mi-udp", f"127.0.0.1:{self.udp_port}",
+            "--mi-unix", str(self.unix_path),
+            "--mi-http", f"127.0.0.1:{self.http_port}",
+            "--log-level", "debug",
+        ]  # fmt: skip
+        if config is not None:
+            self.config_path.write_text(config)
+            args += ["--config", str(self.config_path)]
+        args += list(extra_args)
+        env = dict(os.environ, XDG_RUNTIME_DIR=str(self.run_dir))
+        self.run_dir.mkdir(exist_ok=True)
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        self.wait_ready()
+
+    def mi(self, method: str, params=None, transport: str = "udp", timeout: float = 5.0):
+        from mpevent.client import MIClient
+
+        return MIClient(getattr(self, transport), timeout=timeout).call(method, params)
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        from mpevent.client import MIUnavailable
+
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mpevent serve exited {self.proc.returncode}: {self.log()}")
+            try:
+                self.mi("version", timeout=0.2)
+                return
+            except MIUnavailable:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = 15, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except Exception:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[Daemon]:
+    d = Daemon(tmp_path)
+    yield d
+    code = d.stop()
+    assert code == 0, f"mpevent serve exited {code}:\n{d.log()}"
