@@ -12,6 +12,7 @@ import psutil
 import pytest
 
 SHM = Path("/dev/shm")
+SO_RCVBUFFORCE = 33  # Linux; the socket module does not export it
 
 
 def _children() -> set[int]:
@@ -55,7 +56,10 @@ class UdpSink:
 
     def __init__(self) -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+        try:  # as root, beyond net.core.rmem_max: the kernel must not drop for us
+            self.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 64 << 20)
+        except OSError:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 20)
         self.sock.bind(("127.0.0.1", 0))
         self.address = f"udp:127.0.0.1:{self.sock.getsockname()[1]}"
 
