@@ -80,7 +80,6 @@ L_OWNER_PID = 1
 L_OWNER_START = 2
 L_CLAIMS = 3
 L_HEAD = 8
-L_LOST = 9  # records a dead sender took with it (issue: supervision)
 LANE_BLOCK_WORDS = 24
 
 # Counters: 8 words per (lane, event) or (sender, subscription).
@@ -94,11 +93,14 @@ P_REJECTED = 2  # bad params or oversize
 P_OVERSIZE = 3  # among the rejected
 P_NO_SUBSCRIBER = 4  # returned at the probe: not raised
 PRODUCER_COUNTERS = ("enqueued", "dropped", "rejected", "oversize", "no_subscriber")
-# Consumer side, per lane and event.
-C_DISPATCHED = 0  # events taken from the ring and routed to >= 1 subscriber
+# Consumer side, per lane and event. After a drain, per lane and event:
+# taken = dispatched + unrouted + send_oversize + lost.
+C_DISPATCHED = 0  # events handed to every subscriber's socket
 C_UNROUTED = 1  # events whose subscribers had all gone by send time
 C_OVERSIZE = 2  # events the sender refused to send as too large
-CONSUMER_COUNTERS = ("dispatched", "unrouted", "send_oversize")
+C_TAKEN = 3  # records taken from the lane (counted before head moves)
+C_LOST = 4  # taken by a sender that was killed before it sent them
+CONSUMER_COUNTERS = ("dispatched", "unrouted", "send_oversize", "taken", "lost")  # by index
 # Destination side, per sender and subscription slot.
 D_ROUTED = 0  # datagrams handed to this destination
 D_SENT = 1

@@ -24,9 +24,7 @@ import logging
 from dataclasses import dataclass
 
 from .layout import (
-    C_DISPATCHED,
-    C_OVERSIZE,
-    C_UNROUTED,
+    C_TAKEN,
     H_EVENT_COUNT,
     H_REPAIRED,
     L_HEAD,
@@ -75,8 +73,7 @@ class LaneReclaimer:
         for event_id in range(words[H_EVENT_COUNT]):
             p = layout.prod_counter_word(lane, event_id)
             c = layout.cons_counter_word(lane, event_id)
-            taken = words[c + C_DISPATCHED] + words[c + C_UNROUTED] + words[c + C_OVERSIZE]
-            missing = taken - words[p + P_ENQUEUED]
+            missing = words[c + C_TAKEN] - words[p + P_ENQUEUED]
             if missing > 0:
                 words[p + P_ENQUEUED] += missing
                 repaired += missing

@@ -23,6 +23,7 @@ drops, and counts.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import select
 import socket
@@ -31,7 +32,9 @@ from collections import deque
 
 from .layout import (
     C_DISPATCHED,
+    C_LOST,
     C_OVERSIZE,
+    C_TAKEN,
     C_UNROUTED,
     D_BYTES,
     D_DROPPED,
@@ -42,6 +45,7 @@ from .layout import (
     D_ROUTED,
     D_SENT,
     H_DRAIN_DEADLINE_NS,
+    H_EVENT_COUNT,
     H_STATE,
     L_CLAIMS,
     S_HEARTBEAT_NS,
@@ -56,6 +60,8 @@ from .ring import LaneReader
 from .segment import Segment
 from .table import event_names, read_snapshot, table_generation
 from .wakeup import MAX_SLEEP, Doorbell
+
+log = logging.getLogger("mpevent.sender")
 
 BATCH = 256  # records per lane per loop: fairness between lanes
 DEFAULT_BACKLOG = 16384  # datagrams per destination
@@ -342,42 +348,71 @@ class Sender:
     # -- the loop ---------------------------------------------------------
 
     def drain_once(self) -> int:
-        """One pass over the lanes; returns the number of records taken."""
+        """One pass over the lanes; returns the number of records taken.
+
+        At most once, per lane batch: the datagrams are built (copied out of
+        the lane), what was taken is counted, ``head`` is committed, and only
+        then are they sent. A sender killed before the commit leaves the
+        records for its successor; killed after it, it takes at most one
+        batch with it, which its successor counts as lost
+        (:meth:`count_lost`), so the counters still add up:
+        ``taken = dispatched + unrouted + send_oversize + lost``.
+        """
         words = self.words
         layout = self.seg.layout
         taken = 0
-        drained = []
         for lane, reader in self.readers:
             if not reader.pending():
                 continue
-            drained.append(reader)
             routes = self.routes
             notes = self.notes
+            outgoing = []
+            tally: dict[int, int] = {}  # counter word -> records taken
             for event_id, body, _raised_ns in reader.read(BATCH):
-                taken += 1
                 cw = layout.cons_counter_word(lane, event_id)
+                tally[cw + C_TAKEN] = tally.get(cw + C_TAKEN, 0) + 1
                 if event_id >= len(routes) or not routes[event_id]:
                     # A producer may have seen the subscriber count before
                     # we saw the table that goes with it: look again.
                     self.reload()
                     routes, notes = self.routes, self.notes
                     if event_id >= len(routes) or not routes[event_id]:
-                        words[cw + C_UNROUTED] += 1
+                        tally[cw + C_UNROUTED] = tally.get(cw + C_UNROUTED, 0) + 1
                         continue
                 datagram = notes[event_id].build(body)
                 if len(datagram) > MAX_DATAGRAM:
-                    words[cw + C_OVERSIZE] += 1
+                    tally[cw + C_OVERSIZE] = tally.get(cw + C_OVERSIZE, 0) + 1
                     continue
-                for ep, stats in routes[event_id]:
+                outgoing.append((cw, datagram, routes[event_id]))
+            for word, n in tally.items():
+                words[word] += n
+            reader.commit()
+            taken += len(outgoing)
+            for cw, datagram, targets in outgoing:
+                for ep, stats in targets:
                     ep.send(datagram, stats)
                 words[cw + C_DISPATCHED] += 1
-        if drained:
-            # Counters first, then head: a sender killed in between has
-            # counted what it sent, and the records it took are "in flight".
             self.store_counters()
-            for reader in drained:
-                reader.commit()
         return taken
+
+    def count_lost(self) -> int:
+        """At start: count what a killed predecessor took and never sent."""
+        words, layout = self.words, self.seg.layout
+        lost = 0
+        for lane, _ in self.readers:
+            for event_id in range(words[H_EVENT_COUNT]):
+                cw = layout.cons_counter_word(lane, event_id)
+                accounted = (
+                    words[cw + C_DISPATCHED]
+                    + words[cw + C_UNROUTED]
+                    + words[cw + C_OVERSIZE]
+                    + words[cw + C_LOST]
+                )
+                missing = words[cw + C_TAKEN] - accounted
+                if missing > 0:
+                    words[cw + C_LOST] += missing
+                    lost += missing
+        return lost
 
     def store_counters(self) -> None:
         for stats in self.stats.values():
@@ -387,6 +422,11 @@ class Sender:
         words = self.words
         me = self.my_word
         words[me + S_PID] = os.getpid()
+        lost = self.count_lost()
+        if lost:
+            log.warning(
+                "sender %d: %d events were lost in flight by its predecessor", self.index, lost
+            )
         self.reload(force=True)
         idle_since = 0
         while True:

@@ -8,7 +8,7 @@ The sums obey (guarantee 4, "accounting is exact")::
 
     per event:        raised   = enqueued + dropped + rejected  (by definition:
                       each call that finds a subscriber ends in exactly one)
-    after a drain:    enqueued = dispatched + unrouted + send_oversize (+ lost)
+    after a drain:    enqueued = dispatched + unrouted + send_oversize + lost
     per destination:  routed   = sent + failed + dropped + pending
 
 ``no_subscriber`` counts raise_event calls that returned at the probe
@@ -25,7 +25,6 @@ from .layout import (
     DEST_COUNTERS,
     H_REPAIRED,
     L_CLAIMS,
-    L_LOST,
     PRODUCER_COUNTERS,
 )
 from .registry import Snapshot
@@ -88,12 +87,6 @@ def destination_counters(seg: Segment, snapshot: Snapshot | None = None) -> list
     return rows
 
 
-def lost_in_flight(seg: Segment) -> int:
-    """Records taken from lanes by senders that died before sending them."""
-    layout = seg.layout
-    return sum(seg.words[layout.lane_word(lane) + L_LOST] for lane in range(layout.geometry.lanes))
-
-
 def collect(seg: Segment) -> dict[str, Any]:
     """Everything, as plain data (what ``EventBus.stats()`` returns)."""
     events = event_counters(seg)
@@ -106,6 +99,6 @@ def collect(seg: Segment) -> dict[str, Any]:
         "events": events,
         "destinations": destinations,
         "totals": totals,
-        "lost_in_flight": lost_in_flight(seg),
+        "lost_in_flight": totals["lost"],
         "repaired": seg.words[H_REPAIRED],
     }
