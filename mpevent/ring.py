@@ -82,20 +82,10 @@ def max_body(lane_size: int) -> int:
     return lane_size // 2 - RECORD_HEADER_BYTES
 
 
-class LaneWriter:
-    """The producer end of a lane. Only one process (and thread) uses it at once."""
+class _LaneEnd:
+    """What both ends of a lane know: where its words and bytes are."""
 
-    __slots__ = (
-        "_base",
-        "_buf",
-        "_head",
-        "_head_word",
-        "_mask",
-        "_q",
-        "_size",
-        "_tail_word",
-        "tail",
-    )
+    __slots__ = ("_base", "_buf", "_head_word", "_mask", "_q", "_size", "_tail_word")
 
     def __init__(self, buf: memoryview, words: memoryview, ctl_word: int, data_at: int, size: int):
         self._buf = buf
@@ -105,6 +95,15 @@ class LaneWriter:
         self._base = data_at
         self._size = size
         self._mask = size - 1
+
+
+class LaneWriter(_LaneEnd):
+    """The producer end of a lane. Only one process (and thread) uses it at once."""
+
+    __slots__ = ("_head", "tail")
+
+    def __init__(self, buf: memoryview, words: memoryview, ctl_word: int, data_at: int, size: int):
+        super().__init__(buf, words, ctl_word, data_at, size)
         # The producer is the only writer of tail, so it keeps its own copy;
         # it starts from what a previous (possibly dead) owner published.
         self.tail = words[self._tail_word]
@@ -157,28 +156,13 @@ class LaneWriter:
         return self.tail - self._q[self._head_word]
 
 
-class LaneReader:
+class LaneReader(_LaneEnd):
     """The consumer end of a lane. Only one sender drains a lane at a time."""
 
-    __slots__ = (
-        "_base",
-        "_buf",
-        "_head_word",
-        "_mask",
-        "_q",
-        "_size",
-        "_tail_word",
-        "head",
-    )
+    __slots__ = ("head",)
 
     def __init__(self, buf: memoryview, words: memoryview, ctl_word: int, data_at: int, size: int):
-        self._buf = buf
-        self._q = words
-        self._tail_word = ctl_word + L_TAIL
-        self._head_word = ctl_word + L_HEAD
-        self._base = data_at
-        self._size = size
-        self._mask = size - 1
+        super().__init__(buf, words, ctl_word, data_at, size)
         # Resume from the last committed position (a respawned sender).
         self.head = words[self._head_word]
 
