@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import time
 from collections.abc import Iterator
@@ -20,7 +21,16 @@ def _children() -> set[int]:
 
 
 def _mpevent_segments() -> set[str]:
-    return {p.name for p in SHM.iterdir() if "mpevent" in p.name}
+    """Our segments: test names carry the test process's pid (another test run
+    on the same machine must not fail this one)."""
+    names = set()
+    for p in SHM.iterdir():
+        if "mpevent" not in p.name:
+            continue
+        owner = re.search(r"-(\d+)-", p.name)
+        if owner is None or int(owner.group(1)) == os.getpid():
+            names.add(p.name)
+    return names
 
 
 @pytest.fixture(autouse=True)
