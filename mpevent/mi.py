@@ -13,7 +13,6 @@ publish their events in C; mpevent's producers do it through the MI.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -26,6 +25,9 @@ from .registry import DEFAULT_EXPIRE, Registry, RegistryError
 
 VERSION = "0.1.0"
 MAX_REQUEST = 65536
+# OpenSIPS reads expire as a C int. Larger values would also overflow the
+# 64-bit deadline (ns) that the hub publishes in the subscription table.
+MAX_EXPIRE = 2**31 - 1
 
 PARSE_ERROR = -32700
 INVALID_REQUEST = -32600
@@ -126,9 +128,11 @@ def dispatch(state: HubState, request: Any) -> dict[str, Any] | None:
         if spec is None:
             raise MIError(METHOD_NOT_FOUND, "Method not found")
         result = spec.fn(state, _bind(spec, request.get("params")))
-    except MIError as exc:
-        return _error(req_id, exc.code, exc.message)
-    except RegistryError as exc:
+    except (MIError, RegistryError) as exc:
+        if "id" not in request:
+            return None  # JSON-RPC 2.0: never reply to a notification, not even an error
+        if isinstance(exc, MIError):
+            return _error(req_id, exc.code, exc.message)
         return _error(req_id, exc.code, str(exc))
     if "id" not in request:
         return None
@@ -191,6 +195,8 @@ def _event_subscribe(state: HubState, p: dict[str, Any]) -> str:
             expire = int(expire)
         except ValueError:
             raise MIError(INVALID_PARAMS, f"expire must be an integer, not {expire!r}") from None
+    if isinstance(expire, int) and not isinstance(expire, bool) and expire > MAX_EXPIRE:
+        raise MIError(INVALID_PARAMS, f"expire must be at most {MAX_EXPIRE} seconds")
     try:
         state.registry.event_id(event)
     except RegistryError:
@@ -202,8 +208,10 @@ def _event_subscribe(state: HubState, p: dict[str, Any]) -> str:
     try:
         state.commit()
     except ValueError as exc:  # the table does not fit: take the change back
-        if undo is None:
+        if before is None or undo is None:
             registry.unsubscribe(event, dest)
+        else:  # a refresh: restore what it had (it was left changed before)
+            before.expire, before.start_ns, before.deadline_ns = undo
         state.commit()
         raise MIError(400, f"Cannot subscribe: {exc}") from None
     return "OK"
@@ -229,6 +237,8 @@ def _subscribers_list(state: HubState, p: dict[str, Any]) -> dict[str, Any]:
     registry = state.registry
     event = p.get("event")
     if event is None:
+        if p.get("socket") is not None:  # OpenSIPS has no such form either
+            raise MIError(INVALID_PARAMS, "socket needs an event")
         return {
             "Events": [
                 {
@@ -269,7 +279,9 @@ def _raise_event(state: HubState, p: dict[str, Any]) -> str:
     params = p.get("params")
     if isinstance(params, str):  # OpenSIPS takes a string holding a JSON object
         try:
-            params = json.loads(params)
+            # orjson, not json: its nesting limit raises a ValueError where
+            # json.loads would raise RecursionError on "[[[[..." (a crash).
+            params = orjson.loads(params)
         except ValueError:
             raise MIError(400, "Bad parameter value: params is not valid JSON") from None
         if not isinstance(params, dict):

@@ -34,15 +34,14 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         if self.path.split("?", 1)[0].rstrip("/") != "/mi":
-            self._send(404, b'{"error":"not found: POST /mi"}')
+            self._send(404, b'{"error":"not found: POST /mi"}', close=True)
             return
         try:
             length = int(self.headers.get("Content-Length", ""))
         except ValueError:
-            self._send(411, b'{"error":"Content-Length required"}')
+            self._send(411, b'{"error":"Content-Length required"}', close=True)
             return
         if length < 0 or length > mi.MAX_REQUEST:
-            self.close_connection = True  # do not read what we refuse
             reply = orjson.dumps(
                 {
                     "jsonrpc": "2.0",
@@ -53,7 +52,7 @@ class _Handler(BaseHTTPRequestHandler):
                     "id": None,
                 }
             )
-            self._send(413, reply)
+            self._send(413, reply, close=True)
             return
         body = self.rfile.read(length)
         done = threading.Event()
@@ -76,10 +75,14 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(200, data)
 
     def do_GET(self) -> None:
-        self._send(405, b'{"error":"use POST /mi with a JSON-RPC request"}')
+        self._send(405, b'{"error":"use POST /mi with a JSON-RPC request"}', close=True)
 
-    def _send(self, status: int, body: bytes) -> None:
+    def _send(self, status: int, body: bytes, close: bool = False) -> None:
+        """``close``: the request's body (if any) was not read, so whatever
+        follows on this connection cannot be parsed as the next request."""
         self.send_response(status)
+        if close:
+            self.send_header("Connection", "close")  # also sets close_connection
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()

@@ -1,0 +1,716 @@
+"""The management interface: the pure method table, then the three real transports.
+
+Part 1 drives :func:`mpevent.mi.handle` with a fake hub (a real Registry, a
+fake clock): every method of DESIGN's table, params as an array and as an
+object, the exact result shapes and every JSON-RPC error path, plus a
+property: no input makes it raise or answer something that is not a
+JSON-RPC 2.0 response.
+
+Part 2 talks to a real ``mpevent serve`` over UDP, UNIX and HTTP; part 3
+checks subscription expiry and refresh against real sockets.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+from unittest import mock
+
+import orjson
+import pytest
+from conftest import UdpSink, wait_for
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mpevent import mi
+from mpevent.destination import parse_destination
+from mpevent.payload import PayloadError
+from mpevent.registry import NS, Registry
+
+# -- part 1: the pure method table ---------------------------------------------
+
+DESIGN_METHODS = {
+    "event_subscribe",
+    "events_list",
+    "subscribers_list",
+    "raise_event",
+    "get_statistics",
+    "list_statistics",
+    "reset_statistics",
+    "ps",
+    "uptime",
+    "version",
+    "which",
+}
+
+STATS = {
+    "mpevent:raised": 7,
+    "mpevent:sent": 5,
+    "event:E_A.raised": 4,
+    "event:E_A.sent": 3,
+    "destination:E_A@udp:127.0.0.1:9000.sent": 3,
+}
+
+
+class FakeHub:
+    """HubState with a real Registry, a clock the test moves and recorded effects."""
+
+    def __init__(self) -> None:
+        self.registry = Registry(8, 16)
+        self.started = time.time() - 42
+        self.clock = 1_000 * NS
+        self.commits = 0
+        self.fail_commits = 0  # the next N commits raise ValueError (table too large)
+        self.raised: list[tuple[str, Any]] = []
+        self.reset: list[list[str]] = []
+
+    def now_ns(self) -> int:
+        return self.clock
+
+    def commit(self) -> None:
+        self.commits += 1
+        if self.fail_commits:
+            self.fail_commits -= 1
+            raise ValueError("subscription table needs 9999 bytes")
+
+    def raise_event(self, event: str, params: Any) -> bool:
+        if isinstance(params, dict) and "reject" in params:
+            raise PayloadError("params rejected")
+        self.raised.append((event, params))
+        return any(True for _ in self.registry.subscriptions(self.registry.event_id(event)))
+
+    def statistics(self) -> dict[str, int]:
+        return dict(STATS)
+
+    def reset_statistics(self, names: list[str]) -> None:
+        self.reset.append(names)
+
+    def processes(self) -> list[dict[str, Any]]:
+        return [{"ID": 0, "PID": 1234, "Type": "hub", "CPU": 0.5, "RSS": 1 << 20}]
+
+
+@pytest.fixture
+def hub() -> FakeHub:
+    h = FakeHub()
+    h.registry.publish("E_A")
+    h.registry.publish("E_B")
+    return h
+
+
+_ABSENT = object()
+
+
+def request(method: str, params: Any = _ABSENT, req_id: Any = 1) -> bytes:
+    req: dict[str, Any] = {"jsonrpc": "2.0", "method": method, "id": req_id}
+    if params is not _ABSENT:
+        req["params"] = params
+    return orjson.dumps(req)
+
+
+def reply(hub: FakeHub, method: str, params: Any = _ABSENT, req_id: Any = 1) -> dict:
+    raw = mi.handle(hub, request(method, params, req_id))
+    assert raw is not None
+    out = orjson.loads(raw)
+    assert out["jsonrpc"] == "2.0" and out["id"] == req_id, out
+    return out
+
+
+def ok(hub: FakeHub, method: str, params: Any = _ABSENT) -> Any:
+    out = reply(hub, method, params)
+    assert set(out) == {"jsonrpc", "result", "id"}, out
+    return out["result"]
+
+
+def err(hub: FakeHub, method: str, params: Any = _ABSENT) -> tuple[int, str]:
+    out = reply(hub, method, params)
+    assert set(out) == {"jsonrpc", "error", "id"}, out
+    return out["error"]["code"], out["error"]["message"]
+
+
+def raw_error(hub: FakeHub, raw: bytes) -> tuple[int, Any]:
+    out = orjson.loads(mi.handle(hub, raw))
+    assert set(out) == {"jsonrpc", "error", "id"} and out["jsonrpc"] == "2.0", out
+    return out["error"]["code"], out["id"]
+
+
+def args(form: str, **named: Any) -> Any:
+    """The same params as an array (in order) or as an object."""
+    return list(named.values()) if form == "array" else named
+
+
+FORMS = pytest.mark.parametrize("form", ["array", "object"])
+
+
+def test_which_lists_every_design_method(hub):
+    names = ok(hub, "which")
+    assert names == sorted(mi.METHODS)
+    assert set(names) >= DESIGN_METHODS
+    assert ok(hub, "which", []) == ok(hub, "which", {}) == names
+
+
+@FORMS
+def test_event_publish_is_idempotent(hub, form):
+    assert ok(hub, "event_publish", args(form, event="E_NEW")) == {"name": "E_NEW", "id": 2}
+    assert ok(hub, "event_publish", args(form, event="E_NEW")) == {"name": "E_NEW", "id": 2}
+    assert ok(hub, "event_publish", args(form, event="E_A")) == {"name": "E_A", "id": 0}
+    code, msg = err(hub, "event_publish", args(form, event="bad name!"))
+    assert code == 400 and "Bad parameter value" in msg
+
+
+@FORMS
+def test_events_list_shape(hub, form):
+    params = [] if form == "array" else {}
+    expected = {"Events": [{"name": "E_A", "id": 0}, {"name": "E_B", "id": 1}]}
+    assert ok(hub, "events_list", params) == expected
+    assert ok(hub, "events_list") == expected
+
+
+@FORMS
+def test_event_subscribe_default_expire_and_listing_shapes(hub, form):
+    sock = "udp:127.0.0.1:9000"
+    assert ok(hub, "event_subscribe", args(form, event="E_A", socket=sock)) == "OK"
+    hub.clock += int(10.5 * NS)
+    sub = {"socket": sock, "expire": 3600, "ttl": 3590}  # ttl rounds up
+    assert ok(hub, "subscribers_list") == {
+        "Events": [
+            {"name": "E_A", "id": 0, "Subscribers": [sub]},
+            {"name": "E_B", "id": 1, "Subscribers": []},
+        ]
+    }
+    assert ok(hub, "subscribers_list", [] if form == "array" else {}) == ok(hub, "subscribers_list")
+    assert ok(hub, "subscribers_list", args(form, event="E_A")) == {
+        "Event": {"name": "E_A", "id": 0, "Subscribers": [sub]}
+    }
+    assert ok(hub, "subscribers_list", args(form, event="E_A", socket=sock)) == {
+        "Event": {"name": "E_A", "id": 0, "Subscriber": sub}
+    }
+    # Another spelling of the same destination finds the same subscription.
+    assert ok(hub, "subscribers_list", args(form, event="E_A", socket="udp:127.0.0.1:09000"))
+    code, _ = err(hub, "subscribers_list", args(form, event="E_B", socket=sock))
+    assert code == 404
+    code, msg = err(hub, "subscribers_list", args(form, event="E_NOPE"))
+    assert code == 400 and "Bad parameter value" in msg
+    code, _ = err(hub, "subscribers_list", args(form, event="E_A", socket="udp:nope"))
+    assert code == 400
+    code, _ = err(hub, "subscribers_list", {"socket": sock})
+    assert code == mi.INVALID_PARAMS
+
+
+def test_permanent_subscription_lists_never(hub):
+    hub.registry.subscribe("E_B", parse_destination("unix:/tmp/p.sock"), None, hub.clock)
+    listed = ok(hub, "subscribers_list", ["E_B"])
+    assert listed == {
+        "Event": {
+            "name": "E_B",
+            "id": 1,
+            "Subscribers": [{"socket": "unix:/tmp/p.sock", "expire": "never", "ttl": "never"}],
+        }
+    }
+
+
+@FORMS
+def test_event_subscribe_expire_rules(hub, form):
+    sock = "/tmp/sub.sock"  # a bare path is a UNIX destination
+    assert ok(hub, "event_subscribe", args(form, event="E_A", socket=sock, expire=60)) == "OK"
+    [sub] = hub.registry.subscriptions()
+    assert (sub.expire, str(sub.destination)) == (60, "unix:/tmp/sub.sock")
+    # Subscribing again refreshes: same subscription, new expire and start.
+    hub.clock += 30 * NS
+    assert ok(hub, "event_subscribe", args(form, event="E_A", socket=sock, expire="120")) == "OK"
+    [again] = hub.registry.subscriptions()
+    assert again.slot == sub.slot and again.expire == 120 and again.start_ns == hub.clock
+    # Negative, fractional, boolean or silly expires are invalid params.
+    for bad in (-1, "-5", 1.5, True, "soon", 2**31, [1]):
+        code, _ = err(hub, "event_subscribe", args(form, event="E_A", socket=sock, expire=bad))
+        assert code == mi.INVALID_PARAMS, bad
+    assert ok(hub, "subscribers_list", ["E_A", sock])["Event"]["Subscriber"]["expire"] == 120
+    # 0 unsubscribes (and is fine when there is nothing to remove).
+    assert ok(hub, "event_subscribe", args(form, event="E_A", socket=sock, expire=0)) == "OK"
+    assert list(hub.registry.subscriptions()) == []
+    assert ok(hub, "event_subscribe", args(form, event="E_A", socket=sock, expire=0)) == "OK"
+
+
+@FORMS
+def test_event_subscribe_bad_socket_or_event(hub, form):
+    for sock in ("udp:127.0.0.1", "udp:127.0.0.1:0", "udp:127.0.0.1:70000", "tcp:1.2.3.4:5", ""):
+        code, msg = err(hub, "event_subscribe", args(form, event="E_A", socket=sock))
+        assert code == 400 and "Bad parameter value" in msg, sock
+    code, msg = err(hub, "event_subscribe", args(form, event="E_NOPE", socket="udp:127.0.0.1:9"))
+    assert code == 400 and "E_NOPE" in msg
+    assert list(hub.registry.subscriptions()) == []
+
+
+def test_event_subscribe_undone_when_the_table_does_not_fit(hub):
+    sock = "udp:127.0.0.1:9000"
+    hub.fail_commits = 1
+    code, msg = err(hub, "event_subscribe", ["E_A", sock, 60])
+    assert code == 400 and "Cannot subscribe" in msg
+    assert list(hub.registry.subscriptions()) == []
+    # A refresh that cannot be published leaves the subscription as it was.
+    assert ok(hub, "event_subscribe", ["E_A", sock, 60]) == "OK"
+    hub.clock += 5 * NS
+    hub.fail_commits = 1
+    assert err(hub, "event_subscribe", ["E_A", sock, 999])[0] == 400
+    [sub] = hub.registry.subscriptions()
+    assert sub.expire == 60 and sub.deadline_ns == hub.clock - 5 * NS + 60 * NS
+
+
+@FORMS
+def test_raise_event_params_forms(hub, form):
+    ok(hub, "event_subscribe", ["E_A", "udp:127.0.0.1:9000"])
+    cases = [
+        ({"ip": "10.0.0.1", "n": 3}, {"ip": "10.0.0.1", "n": 3}),
+        ('{"ip": "10.0.0.1", "n": 3}', {"ip": "10.0.0.1", "n": 3}),  # the OpenSIPS form
+        (["a", "b"], ["a", "b"]),
+    ]
+    for given_params, seen in cases:
+        hub.raised.clear()
+        assert ok(hub, "raise_event", args(form, event="E_A", params=given_params)) == "OK"
+        assert hub.raised == [("E_A", seen)]
+    hub.raised.clear()
+    assert ok(hub, "raise_event", args(form, event="E_A")) == "OK"
+    assert hub.raised == [("E_A", None)]
+
+
+@FORMS
+def test_raise_event_errors(hub, form):
+    ok(hub, "event_subscribe", ["E_A", "udp:127.0.0.1:9000"])
+    assert err(hub, "raise_event", args(form, event="E_NOPE")) == (404, "Event not registered")
+    assert err(hub, "raise_event", args(form, event="E_B")) == (480, "Temporarily Unavailable")
+    for bad in ("not json", "[1, 2]", '"str"', "[" * 30000, 5, True):
+        code, msg = err(hub, "raise_event", args(form, event="E_A", params=bad))
+        assert code == 400 and "Bad parameter value" in msg, bad
+    code, _ = err(hub, "raise_event", args(form, event="E_A", params={"reject": 1}))
+    assert code == 400
+    assert err(hub, "raise_event", args(form, event=5))[0] == mi.INVALID_PARAMS
+
+
+@FORMS
+def test_statistics(hub, form):
+    assert ok(hub, "get_statistics") == STATS
+    assert ok(hub, "get_statistics", args(form, statistics=["all"])) == STATS
+    assert ok(hub, "get_statistics", args(form, statistics=["mpevent:"])) == {
+        "mpevent:raised": 7,
+        "mpevent:sent": 5,
+    }
+    assert ok(hub, "get_statistics", args(form, statistics="mpevent:raised")) == {
+        "mpevent:raised": 7
+    }
+    assert ok(hub, "get_statistics", args(form, statistics=["raised"])) == {"mpevent:raised": 7}
+    assert ok(hub, "list_statistics", args(form, statistics=["event:"])) == {
+        "event:E_A.raised": "non-incremental",
+        "event:E_A.sent": "non-incremental",
+    }
+    assert ok(hub, "reset_statistics", args(form, statistics=["mpevent:sent"])) == "OK"
+    assert hub.reset == [["mpevent:sent"]]
+    assert err(hub, "reset_statistics")[0] == mi.INVALID_PARAMS
+    assert err(hub, "get_statistics", args(form, statistics=[1]))[0] == mi.INVALID_PARAMS
+    assert err(hub, "get_statistics", args(form, statistics=5))[0] == mi.INVALID_PARAMS
+
+
+@FORMS
+def test_process_facts(hub, form):
+    empty = [] if form == "array" else {}
+    assert ok(hub, "ps", empty) == {"Processes": hub.processes()}
+    up = ok(hub, "uptime", empty)
+    assert set(up) == {"Now", "Up since", "Up time"}
+    assert 42 <= int(up["Up time"].split()[0]) < 100
+    assert ok(hub, "version", empty) == {"Server": f"mpevent {mi.VERSION}"}
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"not json", b"{", b'{"jsonrpc":"2.0",', b"\xff\xfe", b"", b"[1,]", b'"\\ud800"', b"1e400"],
+)
+def test_parse_error(hub, raw):
+    assert raw_error(hub, raw) == (mi.PARSE_ERROR, None)
+
+
+@pytest.mark.parametrize(
+    "req, req_id",
+    [
+        (1, None),
+        ("which", None),
+        (None, None),
+        ({}, None),
+        ({"method": "which", "id": 3}, 3),  # no jsonrpc
+        ({"jsonrpc": "1.0", "method": "which", "id": 3}, 3),
+        ({"jsonrpc": 2.0, "method": "which", "id": "x"}, "x"),
+        ({"jsonrpc": "2.0", "id": 3}, 3),  # no method
+        ({"jsonrpc": "2.0", "method": 5, "id": 3}, 3),
+        ({"jsonrpc": "2.0", "method": "which", "id": [1]}, None),  # bad id types
+        ({"jsonrpc": "2.0", "method": "which", "id": {"a": 1}}, None),
+        ({"jsonrpc": "2.0", "method": "which", "id": True}, None),
+    ],
+)
+def test_invalid_request(hub, req, req_id):
+    assert raw_error(hub, orjson.dumps(req)) == (mi.INVALID_REQUEST, req_id)
+
+
+def test_empty_batch_is_invalid(hub):
+    assert raw_error(hub, b"[]") == (mi.INVALID_REQUEST, None)
+
+
+def test_method_not_found_keeps_the_id(hub):
+    out = reply(hub, "no_such_method", req_id="abc")
+    assert out["error"]["code"] == mi.METHOD_NOT_FOUND
+    assert reply(hub, "no_such_method", req_id=None)["error"]["code"] == mi.METHOD_NOT_FOUND
+
+
+@pytest.mark.parametrize(
+    "method, params",
+    [
+        # wrong types
+        ("event_publish", [5]),
+        ("event_subscribe", [1, 2]),
+        ("event_subscribe", {"event": "E_A", "socket": 9}),
+        ("subscribers_list", [5]),
+        ("raise_event", {"event": ["E_A"]}),
+        ("which", "all"),
+        ("which", 5),
+        # too many
+        ("events_list", ["x"]),
+        ("which", [1]),
+        ("event_subscribe", ["E_A", "udp:127.0.0.1:9", 10, "extra"]),
+        ("raise_event", ["E_A", {}, "extra"]),
+        # unknown name
+        ("events_list", {"verbose": 1}),
+        ("event_subscribe", {"event": "E_A", "sock": "udp:127.0.0.1:9"}),
+        # missing required
+        ("event_subscribe", ["E_A"]),
+        ("event_subscribe", {"socket": "udp:127.0.0.1:9"}),
+        ("event_subscribe", {"event": "E_A", "socket": None}),
+        ("event_publish", []),
+        ("raise_event", {}),
+        ("reset_statistics", []),
+    ],
+)
+def test_invalid_params(hub, method, params):
+    code, msg = err(hub, method, params)
+    assert code == mi.INVALID_PARAMS and msg
+
+
+def test_notifications_get_no_reply(hub):
+    note = {"jsonrpc": "2.0", "method": "event_publish", "params": ["E_NOTE"]}
+    assert mi.handle(hub, orjson.dumps(note)) is None
+    assert "E_NOTE" in hub.registry.events  # it was still carried out
+    for method, params in [("no_such_method", []), ("event_publish", [5]), ("raise_event", ["X"])]:
+        note = {"jsonrpc": "2.0", "method": method, "params": params}
+        assert mi.handle(hub, orjson.dumps(note)) is None, method
+
+
+def test_batch(hub):
+    batch = [
+        {"jsonrpc": "2.0", "method": "version", "id": 1},
+        {"jsonrpc": "2.0", "method": "event_publish", "params": ["E_C"]},  # notification
+        7,
+        {"jsonrpc": "2.0", "method": "nope", "id": "b"},
+    ]
+    out = orjson.loads(mi.handle(hub, orjson.dumps(batch)))
+    assert [r["id"] for r in out] == [1, None, "b"]
+    assert out[0]["result"] == {"Server": f"mpevent {mi.VERSION}"}
+    assert out[1]["error"]["code"] == mi.INVALID_REQUEST
+    assert out[2]["error"]["code"] == mi.METHOD_NOT_FOUND
+    assert "E_C" in hub.registry.events
+    notes = [{"jsonrpc": "2.0", "method": "version"}] * 3
+    assert mi.handle(hub, orjson.dumps(notes)) is None
+
+
+def test_oversized_request(hub):
+    body = request("version")
+    padded = body + b" " * (mi.MAX_REQUEST - len(body))
+    assert orjson.loads(mi.handle(hub, padded))["result"]
+    assert raw_error(hub, padded + b" ") == (mi.INVALID_REQUEST, None)
+    assert raw_error(hub, b"x" * (1 << 20)) == (mi.INVALID_REQUEST, None)
+
+
+# -- the property: any input gives nothing or a JSON-RPC 2.0 response -------------
+
+_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**53), 2**53)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=12)
+    | st.sampled_from(["E_A", "E_B", "udp:127.0.0.1:9000", "/tmp/x.sock", "all", "-1", "0"])
+)
+_json = st.recursive(
+    _scalars,
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+_ids = st.none() | st.integers(-(2**31), 2**31) | st.text(max_size=8) | _json
+_requests = st.fixed_dictionaries(
+    {"method": st.sampled_from([*mi.METHODS, "nope"])},
+    optional={
+        "jsonrpc": st.sampled_from(["2.0", "1.0", 2]),
+        "params": _json | st.lists(_scalars, max_size=4),
+        "id": _ids,
+    },
+)
+_inputs = (
+    st.binary(max_size=200)
+    | _json.map(orjson.dumps)
+    | _requests.map(orjson.dumps)
+    | st.lists(_requests | _json, max_size=4).map(orjson.dumps)
+)
+
+
+def _check_response(obj: Any, request: Any) -> None:
+    assert isinstance(obj, dict) and obj.get("jsonrpc") == "2.0", obj
+    assert set(obj) in ({"jsonrpc", "result", "id"}, {"jsonrpc", "error", "id"}), obj
+    if "error" in obj:
+        assert isinstance(obj["error"]["code"], int) and isinstance(obj["error"]["message"], str)
+    req_id = request.get("id") if isinstance(request, dict) else None
+    assert obj["id"] is None or obj["id"] == req_id, (obj, request)
+
+
+def _no_dns(*args: Any, **kwargs: Any):
+    raise OSError("no DNS in tests")
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(raw=_inputs)
+def test_any_input_gives_a_jsonrpc_response_or_nothing(raw):
+    hub = FakeHub()
+    hub.registry.publish("E_A")
+    hub.registry.publish("E_B")
+    with mock.patch("socket.getaddrinfo", _no_dns):
+        out = mi.handle(hub, raw)
+    if out is None:
+        return
+    assert isinstance(out, bytes)
+    parsed = orjson.loads(out)
+    try:
+        request = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        request = None
+    if isinstance(parsed, list):
+        assert isinstance(request, list) and 0 < len(parsed) <= len(request)
+        for item in parsed:
+            ids = [r.get("id") for r in request if isinstance(r, dict)]
+            _check_response(item, {"id": item["id"]} if item["id"] in ids else None)
+    else:
+        _check_response(parsed, request)
+
+
+# -- part 2: the real transports -------------------------------------------------
+
+TRANSPORTS = ["udp", "unix", "http"]
+
+
+def send(daemon, transport: str, raw: bytes, timeout: float = 2.0) -> bytes | None:
+    """One raw request over a real transport; the reply bytes or None (silence)."""
+    if transport == "http":
+        req = urllib.request.Request(daemon.http, raw, {"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                return resp.read() or None
+        except urllib.error.HTTPError as exc:
+            return exc.read() or None
+    if transport == "udp":
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        address: Any = ("127.0.0.1", daemon.udp_port)
+    else:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sock.bind("")  # autobind: an abstract address the reply can come back to
+        address = str(daemon.unix_path)
+    with sock:
+        sock.settimeout(timeout)
+        sock.sendto(raw, address)
+        try:
+            return sock.recv(1 << 20)
+        except TimeoutError:
+            return None
+
+
+def call(daemon, transport: str, method: str, params: Any = _ABSENT) -> dict:
+    out = send(daemon, transport, request(method, params, req_id=77))
+    assert out is not None, f"no answer to {method} over {transport}"
+    parsed = orjson.loads(out)
+    assert parsed["jsonrpc"] == "2.0" and parsed["id"] == 77, parsed
+    return parsed
+
+
+def result(daemon, transport: str, method: str, params: Any = _ABSENT) -> Any:
+    parsed = call(daemon, transport, method, params)
+    assert "result" in parsed, parsed
+    return parsed["result"]
+
+
+def code(daemon, transport: str, method: str, params: Any = _ABSENT) -> int:
+    parsed = call(daemon, transport, method, params)
+    assert "error" in parsed, parsed
+    return parsed["error"]["code"]
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_transport_every_method_and_error(daemon, udp_sink, transport):
+    assert set(result(daemon, transport, "which")) >= DESIGN_METHODS
+    assert result(daemon, transport, "event_publish", ["E_T"]) == {"name": "E_T", "id": 0}
+    assert result(daemon, transport, "events_list") == {"Events": [{"name": "E_T", "id": 0}]}
+    sub = {"event": "E_T", "socket": udp_sink.address, "expire": 100}
+    assert result(daemon, transport, "event_subscribe", sub) == "OK"
+    listed = result(daemon, transport, "subscribers_list", ["E_T", udp_sink.address])
+    assert listed["Event"]["Subscriber"]["socket"] == udp_sink.address
+    assert listed["Event"]["Subscriber"]["expire"] == 100
+    assert result(daemon, transport, "subscribers_list")["Events"][0]["name"] == "E_T"
+    assert result(daemon, transport, "raise_event", ["E_T", '{"via": "mi"}']) == "OK"
+    assert udp_sink.receive(1) == [b'{"jsonrpc":"2.0","method":"E_T","params":{"via":"mi"}}']
+    sent = f"destination:E_T@{udp_sink.address}.sent"
+    stats = wait_for(
+        lambda: (
+            (s := result(daemon, transport, "get_statistics", [["destination:"]])).get(sent) and s
+        )
+    )
+    assert stats and stats[sent] == 1, stats
+    totals = result(daemon, transport, "get_statistics", [["mpevent:"]])
+    assert totals["mpevent:raised"] == totals["mpevent:enqueued"] == 1, totals
+    assert result(daemon, transport, "list_statistics", [["mpevent:raised"]]) == {
+        "mpevent:raised": "non-incremental"
+    }
+    assert result(daemon, transport, "reset_statistics", [["mpevent:raised"]]) == "OK"
+    assert result(daemon, transport, "get_statistics", [["mpevent:raised"]]) == {
+        "mpevent:raised": 0
+    }
+    procs = result(daemon, transport, "ps")["Processes"]
+    assert [p["Type"] for p in procs] == ["hub", "sender 0"]
+    assert procs[0]["PID"] == daemon.proc.pid
+    assert "Up time" in result(daemon, transport, "uptime")
+    assert result(daemon, transport, "version") == {"Server": f"mpevent {mi.VERSION}"}
+    assert result(daemon, transport, "event_subscribe", {**sub, "expire": 0}) == "OK"
+    assert result(daemon, transport, "subscribers_list", ["E_T"])["Event"]["Subscribers"] == []
+
+    # the error codes
+    assert code(daemon, transport, "raise_event", ["E_T"]) == 480
+    assert code(daemon, transport, "raise_event", ["E_NOPE"]) == 404
+    assert code(daemon, transport, "event_subscribe", ["E_T", "udp:127.0.0.1:0"]) == 400
+    assert code(daemon, transport, "event_subscribe", ["E_NOPE", udp_sink.address]) == 400
+    assert code(daemon, transport, "event_subscribe", ["E_T", udp_sink.address, -1]) == -32602
+    # An expire whose deadline overflows the published table once broke every later commit.
+    assert code(daemon, transport, "event_subscribe", ["E_T", udp_sink.address, 10**12]) == -32602
+    assert result(daemon, transport, "event_subscribe", ["E_T", udp_sink.address, 0]) == "OK"
+    assert code(daemon, transport, "events_list", {"bogus": 1}) == -32602
+    assert code(daemon, transport, "no_such_method") == -32601
+    for raw, expected in [
+        (b"not json", -32700),
+        (b'{"jsonrpc":"1.0","method":"which","id":77}', -32600),
+        (b"[]", -32600),
+    ]:
+        out = send(daemon, transport, raw)
+        assert out is not None and orjson.loads(out)["error"]["code"] == expected, raw
+    # a notification gets no reply (HTTP: 204 No Content)
+    assert send(daemon, transport, b'{"jsonrpc":"2.0","method":"version"}', timeout=0.3) is None
+    assert udp_sink.quiet(0.1) == []
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_transport_survives_garbage(daemon, transport):
+    daemon.mi("event_publish", ["E_G"])
+    garbage = [
+        b"\x00\xff" * 50,
+        orjson.dumps([1, "x", None, [], {}, {"jsonrpc": "2.0"}, {"method": "which"}]),
+        b"[" * 5000,
+        b'{"jsonrpc":"2.0","method":"raise_event","params":["E_G","' + b"[" * 20000 + b'"],"id":1}',
+        b"x" * (mi.MAX_REQUEST + 10),
+        b"{" * (1 << 20),  # 1 MB: refused, or too big to send at all
+    ]
+    for raw in garbage:
+        try:
+            out = send(daemon, transport, raw, timeout=1.0)
+        except OSError:  # EMSGSIZE (datagram too big) or the server refusing to read it
+            continue
+        if out is not None:
+            parsed = orjson.loads(out)
+            for item in parsed if isinstance(parsed, list) else [parsed]:
+                assert item["jsonrpc"] == "2.0" and "error" in item, item
+    assert result(daemon, transport, "version") == {"Server": f"mpevent {mi.VERSION}"}
+    assert daemon.proc.poll() is None
+    assert "Traceback" not in daemon.log()
+
+
+def _http_exchange(daemon, data: bytes) -> bytes:
+    """Raw bytes to the HTTP MI on one connection; everything it sends back until it closes."""
+    with socket.create_connection(("127.0.0.1", daemon.http_port), timeout=5) as conn:
+        conn.sendall(data)
+        conn.shutdown(socket.SHUT_WR)
+        chunks = []
+        while chunk := conn.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_http_keep_alive_and_refused_bodies(daemon):
+    body = request("version")
+    post = b"POST /mi HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    # Two requests on one connection: two answers.
+    out = _http_exchange(daemon, post + post)
+    assert out.count(b"HTTP/1.1 200 ") == 2 and out.count(b'"Server":"mpevent') == 2, out
+    # A refused request's unread body must not be parsed as the next request:
+    # the server answers and closes the connection.
+    wrong_path = post.replace(b"POST /mi ", b"POST /other ")
+    chunked = (
+        b"POST /mi HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+    )
+    too_big = b"POST /mi HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n" + b"x" * 1000
+    for first, status in [(wrong_path, b"404"), (chunked, b"411"), (too_big, b"413")]:
+        out = _http_exchange(daemon, first + post)
+        assert out.startswith(b"HTTP/1.1 " + status), out
+        assert b"Connection: close" in out and out.count(b"HTTP/1.1") == 1, out
+    assert _http_exchange(daemon, b"GET /mi HTTP/1.1\r\nHost: x\r\n\r\n").startswith(
+        b"HTTP/1.1 405"
+    )
+
+
+def test_unix_socket_mode_is_0660(daemon):
+    assert stat.S_ISSOCK(os.stat(daemon.unix_path).st_mode)
+    assert stat.S_IMODE(os.stat(daemon.unix_path).st_mode) == 0o660
+
+
+def test_replies_fast_enough_for_the_opensips_client(daemon):
+    """The opensips package's datagram client waits only 0.1 s for an answer."""
+    for transport in ("udp", "unix"):
+        start = time.perf_counter()
+        for _ in range(20):
+            result(daemon, transport, "version")
+        assert (time.perf_counter() - start) / 20 < 0.05
+
+
+# -- part 3: expiry and refresh against real sockets --------------------------------
+
+
+def _listed(daemon, sink: UdpSink) -> bool:
+    subs = daemon.mi("subscribers_list", ["E_EXP"])["Event"]["Subscribers"]
+    return any(s["socket"] == sink.address for s in subs)
+
+
+def test_subscription_expires(daemon, udp_sink):
+    daemon.mi("event_publish", ["E_EXP"])
+    assert daemon.mi("event_subscribe", ["E_EXP", udp_sink.address, 1]) == "OK"
+    assert daemon.mi("raise_event", ["E_EXP", {"n": 1}]) == "OK"
+    assert udp_sink.receive(1) == [b'{"jsonrpc":"2.0","method":"E_EXP","params":{"n":1}}']
+    assert wait_for(lambda: not _listed(daemon, udp_sink), timeout=10, interval=0.05)
+    parsed = call(daemon, "udp", "raise_event", ["E_EXP", {"n": 2}])
+    assert parsed["error"] == {"code": 480, "message": "Temporarily Unavailable"}
+    assert udp_sink.quiet(0.3) == []
+
+
+def test_subscribing_again_refreshes(daemon, udp_sink):
+    daemon.mi("event_publish", ["E_EXP"])
+    assert daemon.mi("event_subscribe", ["E_EXP", udp_sink.address, 2]) == "OK"
+    time.sleep(1)
+    refreshed = time.monotonic()
+    assert daemon.mi("event_subscribe", ["E_EXP", udp_sink.address, 2]) == "OK"
+    time.sleep(1.5)  # past the first deadline, before the refreshed one
+    assert _listed(daemon, udp_sink), "the refreshed subscription expired too early"
+    assert daemon.mi("raise_event", ["E_EXP", ["still", "here"]]) == "OK"
+    assert time.monotonic() - refreshed < 2, "the machine is too slow for this check"
+    assert udp_sink.receive(1) == [b'{"jsonrpc":"2.0","method":"E_EXP","params":["still","here"]}']
