@@ -53,6 +53,7 @@ from .wakeup import Doorbell
 log = logging.getLogger("mpevent.hub")
 
 RESPAWN_DELAY = 0.1
+MAX_DATAGRAM_REPLY = 65507  # the largest UDP payload; HTTP has no such limit
 LOOP_TIMEOUT = 0.5
 
 
@@ -126,6 +127,8 @@ class Hub:
         for name, sums in data["events"].items():
             for key, value in sums.items():
                 flat[f"event:{name}.{key}"] = value
+        for key in ("sent", "bytes", "failed", "dropped", "pending"):
+            flat[f"mpevent:destination_{key}"] = sum(r[key] for r in data["destinations"])
         for row in data["destinations"]:
             for key in ("sent", "bytes", "failed", "dropped", "pending", "econnrefused", "enoent"):
                 flat[f"destination:{row['event']}@{row['socket']}.{key}"] = row[key]
@@ -336,6 +339,8 @@ class Hub:
             reply = self._handle(raw)
             if reply is None or not addr:
                 continue
+            if len(reply) > MAX_DATAGRAM_REPLY:
+                reply = mi.too_large_reply(raw, len(reply))
             try:
                 sock.sendto(reply, addr)
             except OSError as exc:

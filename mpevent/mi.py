@@ -13,6 +13,7 @@ publish their events in C; mpevent's producers do it through the MI.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -23,8 +24,11 @@ from .destination import DestinationError, parse_destination
 from .payload import PayloadError
 from .registry import DEFAULT_EXPIRE, Registry, RegistryError
 
+log = logging.getLogger("mpevent.mi")
+
 VERSION = "0.1.0"
 MAX_REQUEST = 65536
+MAX_BATCH = 32  # a batch's replies must fit a datagram reply too
 # OpenSIPS reads expire as a C int. Larger values would also overflow the
 # 64-bit deadline (ns) that the hub publishes in the subscription table.
 MAX_EXPIRE = 2**31 - 1
@@ -134,6 +138,11 @@ def dispatch(state: HubState, request: Any) -> dict[str, Any] | None:
         if isinstance(exc, MIError):
             return _error(req_id, exc.code, exc.message)
         return _error(req_id, exc.code, str(exc))
+    except Exception:
+        # A bug of ours: the client still gets an answer with its id (a
+        # reply with a null id looks like silence to most clients).
+        log.exception("MI method %s failed", name)
+        return _error(req_id, INTERNAL_ERROR, "Internal error")
     if "id" not in request:
         return None
     return {"jsonrpc": "2.0", "result": result, "id": req_id}
@@ -153,7 +162,9 @@ def handle(state: HubState, raw: bytes) -> bytes | None:
         except orjson.JSONDecodeError:
             reply = _error(None, PARSE_ERROR, "Parse error")
         else:
-            if isinstance(request, list):  # a batch
+            if isinstance(request, list) and len(request) > MAX_BATCH:
+                reply = _error(None, INVALID_REQUEST, f"Batch too large (max {MAX_BATCH})")
+            elif isinstance(request, list):  # a batch
                 replies = [r for r in (dispatch(state, item) for item in request) if r]
                 if not request:
                     reply = _error(None, INVALID_REQUEST, "Invalid Request: empty batch")
@@ -166,6 +177,18 @@ def handle(state: HubState, raw: bytes) -> bytes | None:
                 if reply is None:
                     return None
     return orjson.dumps(reply)
+
+
+def too_large_reply(raw: bytes, size: int) -> bytes:
+    """The error a datagram client gets when its reply would not fit a datagram."""
+    try:
+        request = orjson.loads(raw)
+        req_id = request.get("id") if isinstance(request, dict) else None
+    except orjson.JSONDecodeError:
+        req_id = None
+    return orjson.dumps(
+        _error(req_id, INTERNAL_ERROR, f"Reply of {size} bytes does not fit a datagram; use HTTP")
+    )
 
 
 # -- events and subscriptions ---------------------------------------------

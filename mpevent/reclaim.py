@@ -64,7 +64,9 @@ class LaneReclaimer:
             seg.free_held_lane(lane)
             words[H_REPAIRED] += repaired
             done.append(Reclaimed(lane, owner, repaired))
-            log.info("lane %d of dead producer %d reclaimed (%d uncounted)", lane, owner, repaired)
+            log.info(
+                "lane %d of producer %d, now gone, reclaimed (%d uncounted)", lane, owner, repaired
+            )
         return done
 
     def _reconcile(self, lane: int) -> int:
