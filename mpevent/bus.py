@@ -27,6 +27,7 @@ from .client import MICallError, MIClient, MIUnavailable
 from .destination import parse_destination
 from .hub import Hub, HubOptions, bind_datagram
 from .layout import H_STATE, STATE_RUNNING, Geometry
+from .policy import DestinationPolicy
 from .producer import Producer
 from .segment import Segment
 from .sender import DEFAULT_BACKLOG
@@ -53,6 +54,8 @@ class EventBus:
         backlog: int = DEFAULT_BACKLOG,
         drain_timeout: float = 5.0,
         events: list[str] | tuple[str, ...] = (),
+        allowed_networks: list[str] | None = None,
+        unix_path_prefixes: list[str] | None = None,
     ) -> None:
         geometry = Geometry(
             lanes=lanes,
@@ -72,6 +75,7 @@ class EventBus:
             parent_pid=self._owner,
             stop_on_sigint=False,
             events=list(events),
+            policy=DestinationPolicy.from_settings(allowed_networks, unix_path_prefixes),
         )
         pid = os.fork()
         if pid == 0:

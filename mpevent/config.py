@@ -21,6 +21,11 @@ configuration it has). Example::
     [log]
     level = "info"
 
+    [security]
+    allowed_networks = ["127.0.0.0/8", "::1/128"]  # where UDP subscribers may be
+    unix_path_prefixes = []                        # empty: any UNIX path
+    max_subs_per_event = 256
+
     [[subscribe]]           # permanent, like OpenSIPS's subscribe_event
     event = "E_PIKE_BLOCKED"
     socket = "udp:127.0.0.1:9000"
@@ -38,6 +43,7 @@ import msgspec
 from .destination import DestinationError, parse_destination
 from .layout import Geometry
 from .payload import check_event_name
+from .policy import DestinationPolicy, DestinationRefused
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 DEFAULT_NAME = "mpevent"
@@ -81,6 +87,12 @@ class MISection(_Strict):
     allow_remote: bool = False  # bind beyond loopback (a warning is logged)
 
 
+class SecuritySection(_Strict):
+    allowed_networks: list[str] = msgspec.field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
+    unix_path_prefixes: list[str] = msgspec.field(default_factory=list)
+    max_subs_per_event: int = 256
+
+
 class LogSection(_Strict):
     level: str = "info"
 
@@ -95,6 +107,7 @@ class FileConfig(_Strict):
     segment: SegmentSection = msgspec.field(default_factory=SegmentSection)
     mi: MISection = msgspec.field(default_factory=MISection)
     log: LogSection = msgspec.field(default_factory=LogSection)
+    security: SecuritySection = msgspec.field(default_factory=SecuritySection)
     subscribe: list[Subscribe] = msgspec.field(default_factory=list)
 
 
@@ -113,6 +126,8 @@ class ServeConfig:
     log_level: str
     events: tuple[str, ...]
     subscriptions: tuple[tuple[str, str], ...]  # (event, canonical socket)
+    policy: DestinationPolicy
+    max_subs_per_event: int
     runtime_dir: Path
     source: str  # the file it came from, for messages
 
@@ -197,6 +212,16 @@ def _validate(c: FileConfig, where: str) -> ServeConfig:
             check_event_name(name)
         except (TypeError, ValueError) as exc:
             raise fail(f"events[{i}]", str(exc)) from None
+    sec = c.security
+    try:
+        policy = DestinationPolicy.from_settings(sec.allowed_networks, sec.unix_path_prefixes)
+    except ValueError as exc:
+        key, _, problem = str(exc).partition(": ")
+        raise fail(key, problem) from None
+    if sec.max_subs_per_event < 1:
+        raise fail(
+            "security.max_subs_per_event", f"must be at least 1, got {sec.max_subs_per_event}"
+        )
     subs = []
     for i, sub in enumerate(c.subscribe):
         try:
@@ -205,7 +230,8 @@ def _validate(c: FileConfig, where: str) -> ServeConfig:
             raise fail(f"subscribe[{i}].event", str(exc)) from None
         try:
             dest = parse_destination(sub.socket)
-        except DestinationError as exc:
+            policy.check(dest)
+        except (DestinationError, DestinationRefused) as exc:
             raise fail(f"subscribe[{i}].socket", str(exc)) from None
         subs.append((sub.event, str(dest)))
     events = tuple(dict.fromkeys([*c.events, *(e for e, _ in subs)]))
@@ -221,6 +247,8 @@ def _validate(c: FileConfig, where: str) -> ServeConfig:
         log_level=level,
         events=events,
         subscriptions=tuple(subs),
+        policy=policy,
+        max_subs_per_event=sec.max_subs_per_event,
         runtime_dir=rundir,
         source=where,
     )

@@ -50,6 +50,8 @@ def hub_options(config: ServeConfig, reload=None) -> HubOptions:
         stop_on_sigint=True,
         events=list(config.events),
         subscriptions=list(config.subscriptions),
+        policy=config.policy,
+        max_subs_per_event=config.max_subs_per_event,
         reload=reload,
     )
 

@@ -43,6 +43,7 @@ from .layout import (
     STATE_STOPPED,
     STATE_STOPPING,
 )
+from .policy import DestinationPolicy, DestinationRefused
 from .producer import Producer
 from .reclaim import LaneReclaimer
 from .registry import Registry
@@ -66,6 +67,8 @@ class HubOptions:
     events: list[str] = field(default_factory=list)
     # Permanent subscriptions (event, socket), as OpenSIPS's subscribe_event.
     subscriptions: list[tuple[str, str]] = field(default_factory=list)
+    policy: DestinationPolicy = field(default_factory=DestinationPolicy)
+    max_subs_per_event: int | None = None
     # Daemon: called on SIGHUP, returns new options (or None to keep these).
     reload: Callable[[], HubOptions | None] | None = None
 
@@ -83,7 +86,7 @@ class Hub:
         self.mi_sockets = mi_sockets
         self.options = options
         g = seg.layout.geometry
-        self.registry = Registry(g.max_events, g.max_subs)
+        self.registry = Registry(g.max_events, g.max_subs, options.max_subs_per_event)
         self.started = time.time()
         self.senders: dict[int, int] = {}  # pid -> sender index
         self._known_events = 0
@@ -102,6 +105,10 @@ class Hub:
             os.set_blocking(fd, False)
 
     # -- HubState for the MI ---------------------------------------------
+
+    @property
+    def policy(self) -> DestinationPolicy:
+        return self.options.policy
 
     def now_ns(self) -> int:
         return time.monotonic_ns()
@@ -297,6 +304,11 @@ class Hub:
         for event, sock in self.options.subscriptions:
             registry.publish(event)
             dest = parse_destination(sock)
+            try:
+                self.options.policy.check(dest)
+            except DestinationRefused as exc:
+                log.error("subscription of %s not applied: %s", event, exc)
+                continue
             wanted.add((event, dest))
             registry.subscribe(event, dest, None, self.now_ns())
         for event, dest in self._configured - wanted:

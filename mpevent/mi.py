@@ -22,6 +22,7 @@ import orjson
 
 from .destination import DestinationError, parse_destination
 from .payload import PayloadError
+from .policy import DestinationPolicy, DestinationRefused
 from .registry import DEFAULT_EXPIRE, Registry, RegistryError
 
 log = logging.getLogger("mpevent.mi")
@@ -56,6 +57,7 @@ class HubState(Protocol):
     """What the MI needs from the hub (the hub implements it; tests fake it)."""
 
     registry: Registry
+    policy: DestinationPolicy
     started: float  # wall-clock start time
 
     def now_ns(self) -> int: ...
@@ -210,7 +212,8 @@ def _event_subscribe(state: HubState, p: dict[str, Any]) -> str:
     event = _str(p, "event")
     try:
         dest = parse_destination(_str(p, "socket"))
-    except DestinationError as exc:
+        state.policy.check(dest)
+    except (DestinationError, DestinationRefused) as exc:
         raise MIError(400, f"Bad parameter value: {exc}") from None
     expire = p.get("expire", DEFAULT_EXPIRE)
     if isinstance(expire, str):  # opensips-cli sends everything as strings

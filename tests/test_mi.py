@@ -30,6 +30,7 @@ from hypothesis import strategies as st
 from mpevent import mi
 from mpevent.destination import parse_destination
 from mpevent.payload import PayloadError
+from mpevent.policy import DestinationPolicy
 from mpevent.registry import NS, Registry
 
 # -- part 1: the pure method table ---------------------------------------------
@@ -62,6 +63,7 @@ class FakeHub:
 
     def __init__(self) -> None:
         self.registry = Registry(8, 16)
+        self.policy = DestinationPolicy()
         self.started = time.time() - 42
         self.clock = 1_000 * NS
         self.commits = 0

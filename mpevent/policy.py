@@ -1,0 +1,73 @@
+"""Where event traffic may go: the destination allow-list (pure).
+
+Whoever can reach the MI can subscribe a socket, and every event then goes
+there. Without a limit, MI access would be a way to aim datagrams at any
+host. So UDP destinations must lie in an allowed network (default: loopback
+only), and UNIX destinations, optionally, under an allowed path prefix
+(default: any path; the file system's permissions already guard UNIX
+sockets). A refused subscription gets an error naming the setting that
+would allow it. Subscriptions from the configuration file follow the same
+rule.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+
+from .destination import Destination
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+LOOPBACK: tuple[Network, ...] = (
+    ipaddress.ip_network("127.0.0.0/8"),
+    ipaddress.ip_network("::1/128"),
+)
+NETWORKS_SETTING = "security.allowed_networks"
+PREFIXES_SETTING = "security.unix_path_prefixes"
+
+
+class DestinationRefused(ValueError):
+    """A destination the policy does not allow; the message names the setting."""
+
+
+@dataclass(frozen=True)
+class DestinationPolicy:
+    networks: tuple[Network, ...] = LOOPBACK
+    unix_prefixes: tuple[str, ...] = field(default_factory=tuple)  # empty: any path
+
+    @classmethod
+    def from_settings(
+        cls, networks: Iterable[str] | None = None, unix_prefixes: Iterable[str] | None = None
+    ) -> DestinationPolicy:
+        nets = LOOPBACK
+        if networks is not None:
+            try:
+                nets = tuple(ipaddress.ip_network(n, strict=False) for n in networks)
+            except ValueError as exc:
+                raise ValueError(f"{NETWORKS_SETTING}: {exc}") from None
+        prefixes = tuple(unix_prefixes or ())
+        for prefix in prefixes:
+            if not prefix.startswith("/"):
+                raise ValueError(f"{PREFIXES_SETTING}: {prefix!r} is not an absolute path")
+        return cls(nets, prefixes)
+
+    def check(self, dest: Destination) -> None:
+        """Raise :class:`DestinationRefused` unless ``dest`` is allowed."""
+        if dest.kind == "udp":
+            ip = ipaddress.ip_address(dest.host)
+            if not any(ip in net for net in self.networks):
+                allowed = ", ".join(str(n) for n in self.networks) or "none"
+                raise DestinationRefused(
+                    f"destination {dest} is outside the allowed networks ({allowed}); "
+                    f"add its network to {NETWORKS_SETTING} to allow it"
+                )
+        elif self.unix_prefixes and not dest.host.startswith("\0"):
+            path = PurePosixPath(os.path.normpath(dest.host))  # no escaping by ".."
+            if not any(path.is_relative_to(prefix) for prefix in self.unix_prefixes):
+                raise DestinationRefused(
+                    f"destination {dest} is not under an allowed path "
+                    f"({', '.join(self.unix_prefixes)}); add a prefix to {PREFIXES_SETTING}"
+                )

@@ -1,0 +1,54 @@
+"""The destination allow-list: MI access must not aim event traffic anywhere."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import Daemon
+
+from mpevent.client import MICallError
+from mpevent.config import ConfigError, load
+from mpevent.destination import parse_destination
+from mpevent.policy import DestinationPolicy, DestinationRefused
+
+
+@pytest.mark.parametrize(
+    "socket", ["udp:127.0.0.1:9", "udp:127.9.9.9:9", "udp:[::1]:9", "unix:/tmp/x.sock", "unix:@x"]
+)
+def test_default_allows_loopback_and_any_unix_path(socket):
+    DestinationPolicy().check(parse_destination(socket))
+
+
+@pytest.mark.parametrize("socket", ["udp:192.0.2.1:9", "udp:[2001:db8::1]:9", "udp:0.0.0.0:9"])
+def test_default_refuses_other_hosts_and_names_the_setting(socket):
+    with pytest.raises(DestinationRefused, match=r"security\.allowed_networks"):
+        DestinationPolicy().check(parse_destination(socket))
+
+
+def test_configured_networks_and_unix_prefixes():
+    policy = DestinationPolicy.from_settings(["192.0.2.0/24"], ["/run/subscribers"])
+    policy.check(parse_destination("udp:192.0.2.7:9"))
+    with pytest.raises(DestinationRefused):
+        policy.check(parse_destination("udp:127.0.0.1:9"))  # loopback not listed now
+    policy.check(parse_destination("unix:/run/subscribers/a.sock"))
+    for path in ("/tmp/a.sock", "/run/subscribers/../x.sock", "/run/subscribersX/a.sock"):
+        with pytest.raises(DestinationRefused, match=r"security\.unix_path_prefixes"):
+            policy.check(parse_destination(f"unix:{path}"))
+
+
+def test_bad_settings_are_config_errors(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[security]\nallowed_networks = ["not-a-net"]\n')
+    with pytest.raises(ConfigError, match=r"security\.allowed_networks"):
+        load(bad)
+    bad.write_text('[[subscribe]]\nevent = "E_X"\nsocket = "udp:192.0.2.1:9"\n')
+    with pytest.raises(ConfigError, match=r"subscribe\[0\].socket.*security.allowed_networks"):
+        load(bad)
+
+
+def test_mi_refuses_a_remote_subscriber_with_a_clear_error(daemon: Daemon):
+    daemon.mi("event_publish", ["E_SEC"])
+    with pytest.raises(MICallError) as err:
+        daemon.mi("event_subscribe", ["E_SEC", "udp:192.0.2.1:9000", 60])
+    assert err.value.code == 400
+    assert "security.allowed_networks" in err.value.message
+    assert daemon.mi("subscribers_list", ["E_SEC"])["Event"]["Subscribers"] == []
