@@ -14,7 +14,9 @@ hits them all alike. All traffic stays on 127.0.0.1.
    ``multiprocessing.Queue.put`` and ``faster_fifo.Queue.put``. Between
    samples the ring is left to drain and the queues are emptied by their
    consumer processes, so every timed call takes the fast path (it
-   enqueues; nothing blocks).
+   enqueues; nothing blocks). Also the CPU the producer process spends per
+   call, helper threads included (``multiprocessing.Queue`` pickles and
+   writes in a feeder thread, after ``put`` returned).
 2. **End to end**: delivered events/s with 1, 2 and 4 producer processes and
    1 and 2 senders, against the same pipelines built on
    ``multiprocessing.Queue`` and on ``faster_fifo`` (producers put, sender
@@ -27,11 +29,15 @@ hits them all alike. All traffic stays on 127.0.0.1.
    sink process with ``selectors``, against the bare ``sendto`` loop.
 4. **Latency** raise-to-receive, p50/p99/p99.9, at 10 %, 50 % and 90 % of
    the capacity (the 1-producer 1-sender end-to-end rate, measured just
-   before in the same round). The producer paces itself and puts
-   ``time.monotonic_ns()`` in the params (key ``t``); the sink subtracts it
-   from its own receive time.
-5. **Memory**: peak RSS of every process (psutil, sampled while it runs) per
-   role, and the size of the shared segment.
+   before in the same round). The producer paces itself (raises what is due
+   within 100 us, then sleeps) and puts ``time.monotonic_ns()`` in the
+   params (key ``t``); the sink subtracts it from its own receive time.
+5. **Memory**: peak RSS (and USS) of every process (psutil, sampled while it
+   runs) per role, and the size of the shared segment.
+
+The CPU time the rest of the machine used meanwhile is printed per section
+(and kept per run in the JSON): on a shared 2-core machine it explains most
+of the spread between runs.
 
 The optional pipelines and the chart need ``pip install 'mpevent[bench]'``
 (faster-fifo, matplotlib); without them those parts are skipped with a note.
@@ -75,13 +81,14 @@ DATAGRAM = orjson.dumps({"jsonrpc": "2.0", "method": EVENT, "params": PARAMS})
 
 SO_RCVBUFFORCE = 33  # Linux; not exported by the socket module
 SINK_RCVBUF = 64 << 20  # per sink socket (memory is only taken as datagrams queue)
-BACKOFF = 100e-6  # an mpevent producer that finds its lane full sleeps this long
+BACKOFF = 1e-3  # an mpevent producer that finds its lane full sleeps this long
 GIVE_UP = 60.0  # a producer that cannot enqueue for this long exits with an error
 QUEUE_MAXSIZE = 10_000  # multiprocessing.Queue bound (puts block beyond it)
 FASTER_FIFO_BYTES = 4 << 20  # faster_fifo.Queue bound (the default is 1 MB)
 FASTER_FIFO_BATCH = 256  # get_many batch of the faster_fifo sender (as mpevent's BATCH)
 SAMPLE_EVERY = 0.05  # seconds between RSS samples while a run goes on
-USS_EVERY = 0.25  # seconds between USS samples (they read smaps)
+USS_EVERY = 1.0  # seconds between USS samples (reading smaps costs CPU the runs need)
+PACE_NS = 100_000  # a paced producer sleeps only when its next event is further away
 BARRIER_TIMEOUT = 60.0
 
 _CTX = mp.get_context("fork")  # the bus is inherited: children must be forked
@@ -557,6 +564,37 @@ class StartLine:
         return t0
 
 
+@dataclass(frozen=True)
+class CpuMark:
+    """A point in time, the machine's busy CPU time, and ours (for :func:`other_cores`)."""
+
+    wall: float
+    busy: float | None  # seconds of CPU the whole machine spent (steal included)
+    own: float  # seconds of CPU this process and its reaped descendants spent
+
+    @classmethod
+    def now(cls) -> CpuMark:
+        busy = None
+        with contextlib.suppress(OSError, ValueError):
+            with open("/proc/stat") as f:
+                ticks = [int(x) for x in f.readline().split()[1:9]]
+            # user nice system idle iowait irq softirq steal: all but idle and iowait
+            busy = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+        t = os.times()
+        own = t.user + t.system + t.children_user + t.children_system
+        return cls(time.monotonic(), busy, own)
+
+
+def other_cores(before: CpuMark, after: CpuMark) -> float | None:
+    """Cores the rest of the machine kept busy on average between two marks (taken
+    when all of our children are reaped): the noise the figures in between suffered."""
+    wall = after.wall - before.wall
+    if before.busy is None or after.busy is None or wall <= 0:
+        return None
+    other = (after.busy - before.busy) - (after.own - before.own)
+    return max(0.0, other / wall)
+
+
 def _low_timer_slack() -> None:
     """Ask Linux for precise sleeps (the default slack adds up to 50 us)."""
     with contextlib.suppress(Exception):
@@ -658,10 +696,14 @@ def _mpevent_producer(bus: EventBus, start: StartLine, count: int, seq0: int) ->
 def _paced_producer(bus: EventBus, start: StartLine, rate: float, count: int) -> None:
     """Raise ``count`` events at ``rate``/s on a fixed schedule, each carrying its raise time.
 
-    Between events the producer sleeps until the next one is due (with a
-    1 us timer slack): it leaves the CPUs to the sender and the sink, as a
-    worker busy with its own work would. Late (the sleep overshot), it
-    raises what is due at once.
+    The producer raises every event due within the next PACE_NS (100 us)
+    at once, then sleeps (timer slack 1 us) until the next one is due: it
+    leaves the CPUs to the sender and the sink, as a worker busy with its own
+    work would. Sleeping before every event instead would cost it most of a
+    core at 50 % load on this kind of machine (a sleep costs ~20 us of CPU in
+    a VM), CPU the sender then lacks. Late (a sleep overshot), it raises what
+    is due at once. The raise time in the params is taken at the raise, so
+    raising early or late does not bias the figures.
     """
     _low_timer_slack()
     raise_event = bus.raise_event
@@ -674,7 +716,7 @@ def _paced_producer(bus: EventBus, start: StartLine, rate: float, count: int) ->
     for seq in range(count):
         due = begin + int(seq * interval)
         ahead = due - clock()
-        if ahead > 0:
+        if ahead > PACE_NS:
             sleep(ahead / 1e9)
         params = {**base, "seq": seq, "t": clock()}
         if not raise_event(EVENT, params):
@@ -936,6 +978,7 @@ def run_pipeline(
     ``kind``: mpevent, mp_queue, faster_fifo, bare or bare_connected (one
     process sending a prebuilt datagram ``total`` times).
     """
+    mark = CpuMark.now()
     sock = _udp_socket()
     target = sock.getsockname()
     res_r, res_w = _CTX.Pipe(duplex=False)
@@ -1009,6 +1052,7 @@ def run_pipeline(
             result["send_rate"] = total / (send_ns / 1e9)
         if bus is not None:
             result["bus_totals"] = bus.stats()["totals"]
+    result["other_cores"] = other_cores(mark, CpuMark.now())
     return result
 
 
@@ -1059,6 +1103,11 @@ def end_to_end(cfg: Config, monitor: MemoryMonitor, ff: Any, rng: random.Random)
     }
 
 
+def _mean(values: Sequence[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return sum(known) / len(known) if known else None
+
+
 def _sum_counters(dicts: Iterable[dict[str, int]]) -> dict[str, int]:
     out: dict[str, int] = {}
     for d in dicts:
@@ -1078,6 +1127,7 @@ def run_fanout(
     """Datagrams/s from one producer and one sender (or the bare loop) to N sinks."""
     events = max(20, datagrams // subscribers)
     expected = events * subscribers
+    mark = CpuMark.now()
     socks = [_udp_socket() for _ in range(subscribers)]
     res_r, res_w = _CTX.Pipe(duplex=False)
     bare_r, bare_w = _CTX.Pipe(duplex=False)
@@ -1120,6 +1170,7 @@ def run_fanout(
             result["send_rate"] = expected / (send_ns / 1e9)
         else:
             result["bus_totals"] = bus.stats()["totals"]
+    result["other_cores"] = other_cores(mark, CpuMark.now())
     return result
 
 
@@ -1172,6 +1223,7 @@ def run_latency(
     """One paced run at ``rate`` events/s; returns its figures and the raw latencies (ns)."""
     count = max(50, int(rate * seconds))
     skip = count // 50  # the first 2 %: lane claim, cold caches
+    mark = CpuMark.now()
     sock = _udp_socket()
     res_r, res_w = _CTX.Pipe(duplex=False)
     start = StartLine(1)
@@ -1194,12 +1246,16 @@ def run_latency(
         latencies = array.array("q")
         latencies.frombytes(res_r.recv_bytes())
         totals = bus.stats()["totals"]
+    stats = summarize(latencies)
     return {
         "target_rate": rate,
         "achieved_rate": count / ((t1 - t0) / 1e9),
         "raised": count,
         "delivered": got,
         "retries": totals["dropped"],
+        "p50_ns": stats["median"],
+        "p99_ns": stats["p99"],
+        "other_cores": other_cores(mark, CpuMark.now()),
     }, latencies
 
 
@@ -1233,6 +1289,8 @@ def latency(cfg: Config, monitor: MemoryMonitor, rng: random.Random) -> dict[str
                 "p99_ns": stats["p99"],
                 "p999_ns": stats["p999"],
                 "max_ns": stats["max"],
+                "other_cores": _mean([r["other_cores"] for r in mine]),
+                "runs": mine,
             }
         )
     return {
@@ -1349,6 +1407,11 @@ def render_report(results: dict[str, Any]) -> str:
         f"{meta['platform']}; {meta['seconds']:.0f} s "
         f"({', '.join(f'{k} {v:.0f} s' for k, v in meta['section_seconds'].items())})"
     ]
+    background = meta.get("other_cores") or {}
+    if any(v is not None for v in background.values()):
+        parts[0] += "\nCPU kept busy by other processes meanwhile (cores, average): " + ", ".join(
+            f"{k} {v:.2f}" for k, v in background.items() if v is not None
+        )
     parts[0] += "".join(f"\nnote: {n}" for n in results["notes"])
 
     cost = results.get("producer_cost")
@@ -1489,6 +1552,8 @@ def render_report(results: dict[str, Any]) -> str:
                 fmt_us(r["p999_ns"]),
                 fmt_us(r["max_ns"]),
                 f"{r['delivered']}/{r['raised']}",
+                " / ".join(fmt_us(run["p99_ns"]) for run in r["runs"]),
+                fmt_num(r["other_cores"], 2),
             ]
             for r in lat["loads"]
         ]
@@ -1503,6 +1568,8 @@ def render_report(results: dict[str, Any]) -> str:
                     "p99.9 us",
                     "max us",
                     "delivered",
+                    "p99 us per round",
+                    "other load",
                 ],
                 rows,
                 title=(
@@ -1607,7 +1674,7 @@ def plot(results: dict[str, Any], path: str) -> str | None:
         )
         ax.set_ylabel("delivered events/s")
         ax.set_title("2. end to end (producers/senders)")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="lower right", framealpha=0.9)
     ax = axes[1][0]
     fan = results.get("fanout")
     if fan:
@@ -1658,9 +1725,13 @@ def optional_module(name: str) -> Any:
         return None
 
 
-def build_parser(prog: str = "python -m mpevent.bench") -> argparse.ArgumentParser:
+def build_parser(
+    prog: str = "python -m mpevent.bench", add_help: bool = True
+) -> argparse.ArgumentParser:
+    """The benchmark's options (``add_help=False`` to use it as a parent parser)."""
     parser = argparse.ArgumentParser(
         prog=prog,
+        add_help=add_help,
         description="Benchmark mpevent against inline sendto, multiprocessing.Queue and "
         "faster_fifo pipelines: producer cost, end-to-end throughput and loss, fan-out, "
         "latency, memory.",
@@ -1714,12 +1785,15 @@ def run(cfg: Config, sections: Sequence[str], seed: int = 1, use_faster_fifo: bo
         ("fanout", "fanout", lambda: fanout(cfg, monitor, rng)),
         ("latency", "latency", lambda: latency(cfg, monitor, rng)),
     )
+    background: dict[str, float | None] = {}
     for key, name, step in steps:
         if key not in sections:
             continue
-        t = time.monotonic()
+        mark = CpuMark.now()
         results[name] = step()
-        section_seconds[key] = time.monotonic() - t
+        end = CpuMark.now()
+        section_seconds[key] = end.wall - mark.wall
+        background[key] = other_cores(mark, end)
     with EventBus(senders=1) as bus:
         layout = bus.segment.layout
         g = layout.geometry
@@ -1738,6 +1812,7 @@ def run(cfg: Config, sections: Sequence[str], seed: int = 1, use_faster_fifo: bo
         "faster_fifo": getattr(ff, "__version__", "installed") if ff else None,
         "seconds": time.monotonic() - started,
         "section_seconds": section_seconds,
+        "other_cores": background,
         "config": asdict(cfg),
         "seed": seed,
         "payload": PARAMS,

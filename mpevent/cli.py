@@ -530,16 +530,27 @@ def _listen(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _demo(args: argparse.Namespace) -> int:
-    from .demo import main as demo_main
-
+def _delegate(main: Callable[[list[str]], int], argv: list[str]) -> int:
+    """Run a program that parses its own options (the demo, the benchmark)."""
     try:
-        return demo_main(args.args)
+        return main(argv)
     except SystemExit as exc:  # its argparse (--help, a usage error) or sys.exit()
         if exc.code is None or isinstance(exc.code, int):
             return exc.code or EXIT_OK
         print(exc.code, file=sys.stderr)
         return EXIT_CALL_ERROR
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import main as demo_main
+
+    return _delegate(demo_main, args.args)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from .bench import main as bench_main
+
+    return _delegate(bench_main, args.args)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -747,7 +758,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(
         "demo",
         _demo,
-        "run the embedded demo (mpevent demo --help for its options)",
+        "run the demo: hub, SIP-like workers, traffic, subscribers (demo --help)",
+        add_help=False,
+        prefix_chars="\0",
+    )
+    p.add_argument("args", metavar="ARGS", nargs="*", help=argparse.SUPPRESS)
+    p = command(
+        "bench",
+        _bench,
+        "benchmark against the alternatives (mpevent bench --help for its options)",
         add_help=False,
         prefix_chars="\0",
     )

@@ -27,7 +27,7 @@ def _mpevent_segments() -> set[str]:
     for p in SHM.iterdir():
         if "mpevent" not in p.name:
             continue
-        owner = re.search(r"-(\d+)-", p.name)
+        owner = re.search(r"-(\d+)(?:-|$)", p.name)
         if owner is None or int(owner.group(1)) == os.getpid():
             names.add(p.name)
     return names

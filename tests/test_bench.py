@@ -1,0 +1,240 @@
+"""The benchmark: its pure helpers, and a tiny run of every section end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+from mpevent import bench
+
+# -- pure helpers --------------------------------------------------------------
+
+
+def test_percentile_interpolates_between_ranks():
+    values = list(range(1, 101))  # 1..100
+    assert bench.percentile(values, 0) == 1
+    assert bench.percentile(values, 100) == 100
+    assert bench.percentile(values, 50) == pytest.approx(50.5)
+    assert bench.percentile(values, 99) == pytest.approx(99.01)
+    assert bench.percentile([5, 1, 3], 50) == 3  # unsorted input
+    assert bench.percentile([7], 99.9) == 7
+    assert math.isnan(bench.percentile([], 50))
+    with pytest.raises(ValueError):
+        bench.percentile([1, 2], 101)
+
+
+def test_summarize_subtracts_the_offset():
+    s = bench.summarize([110, 120, 130, 1000], offset=100)
+    assert s["n"] == 4
+    assert s["min"] == 10 and s["max"] == 900
+    assert s["median"] == pytest.approx(25)
+    assert s["mean"] == pytest.approx((10 + 20 + 30 + 900) / 4)
+    assert s["p99"] <= s["max"]
+    empty = bench.summarize([])
+    assert empty["n"] == 0 and math.isnan(empty["median"])
+
+
+def test_ratio_and_verdicts():
+    assert bench.ratio(1, 4) == 0.25
+    assert bench.ratio(None, 4) is None
+    assert bench.ratio(1, 0) is None
+    assert bench.ratio(math.nan, 1) is None
+    assert bench.verdict(0.3, "<=", 0.4) == "PASS"
+    assert bench.verdict(0.4, "<=", 0.4) == "PASS"
+    assert bench.verdict(0.5, "<=", 0.4) == "MISS"
+    assert bench.verdict(3.5, ">=", 3) == "PASS"
+    assert bench.verdict(2.9, ">=", 3) == "MISS"
+    assert bench.verdict(3.5, ">=", 3, ok=False) == "MISS"  # e.g. it lost events
+    assert bench.verdict(None, ">=", 3) == "n/a"
+    assert bench.verdict(math.nan, ">=", 3) == "n/a"
+    with pytest.raises(ValueError):
+        bench.verdict(1, "<", 2)
+    t = bench.target("x <= 0.4 inline", 0.25, "<=", 0.4, "1 vs 4")
+    assert t == {
+        "target": "x <= 0.4 inline",
+        "figure": "1 vs 4",
+        "ratio": 0.25,
+        "goal": "<= 0.4",
+        "verdict": "PASS",
+        "note": "",
+    }
+
+
+def test_formatting():
+    assert bench.fmt_num(1234567.4) == "1,234,567"
+    assert bench.fmt_num(None) == "-"
+    assert bench.fmt_num(math.nan) == "-"
+    assert bench.fmt_ratio(0.3456, 3) == "0.346x"
+    assert bench.fmt_ratio(None) == "n/a"
+    assert bench.fmt_us(1_234_567) == "1,234.6"
+    assert bench.fmt_bytes(3 << 20) == "3.0 MiB"
+    assert bench.fmt_loss(99, 100) == "99/100 (1.00% lost)"
+    assert bench.fmt_loss(0, 0) == "0/0 (0.00% lost)"
+    assert bench.split_evenly(10, 3) == [4, 3, 3]
+    assert sum(bench.split_evenly(12_001, 4)) == 12_001
+
+
+def test_render_table_aligns_columns():
+    text = bench.render_table(
+        ["case", "ns", "note"], [["a", "1,000", None], ["longer", "5", "x"]], title="T"
+    )
+    lines = text.splitlines()
+    assert lines[0] == "T"
+    assert lines[1] == "case       ns  note"
+    assert lines[2] == "------  -----  ----"
+    assert lines[3] == "a       1,000     -"  # numbers right, None as "-"
+    assert lines[4] == "longer      5     x"
+    left = bench.render_table(["a", "b"], [["x", "y"]], align="ll")
+    assert left.splitlines()[-1] == "x  y"
+    with pytest.raises(ValueError):
+        bench.render_table(["a", "b"], [["only one"]])
+
+
+def _results(**sections):
+    base = {
+        "meta": {
+            "mode": "test",
+            "cpus": 2,
+            "python": "3.11",
+            "platform": "Linux",
+            "seconds": 1.0,
+            "section_seconds": {},
+        },
+        "notes": [],
+    }
+    return base | sections
+
+
+def test_targets_from_figures():
+    cost = {
+        "cases": {
+            "raise_0": {"median": 100.0},
+            "raise_1": {"median": 1000.0},
+            "raise_64": {"median": 1050.0},
+            "inline": {"median": 4000.0},
+        }
+    }
+
+    def row(pipeline, p, s, rate, lost=0, **extra):
+        base = {"pipeline": pipeline, "producers": p, "senders": s, "rate": rate, "lost": lost}
+        return base | extra
+
+    e2e = {
+        "summary": [
+            row("mpevent", 2, 1, 300_000.0),
+            row("mpevent", 4, 1, 320_000.0),
+            row("mp_queue", 2, 1, 100_000.0),
+            row("faster_fifo", 2, 1, 200_000.0),
+            row("bare", 1, 1, 400_000.0, send_rate=400_000.0),
+        ]
+    }
+    lat = {"loads": [{"load": 0.5, "p99_ns": 800_000.0, "delivered": 10, "raised": 10}]}
+    got = bench.targets(_results(producer_cost=cost, end_to_end=e2e, latency=lat))
+    verdicts = [t["verdict"] for t in got]
+    # 1 sub 0.25 PASS; none 0.025 PASS; 64 1.05 PASS; x3 Queue PASS; x1.5 ff MISS;
+    # best one-sender 320k / 400k = 0.8 PASS; p99 0.8 ms PASS.
+    assert verdicts == ["PASS", "PASS", "PASS", "PASS", "MISS", "PASS", "PASS"]
+    assert got[5]["ratio"] == pytest.approx(0.8)
+    # Losing events turns the end-to-end targets into misses whatever the rate.
+    e2e["summary"][0]["lost"] = 1
+    got = bench.targets(_results(producer_cost=cost, end_to_end=e2e, latency=lat))
+    assert got[3]["verdict"] == "MISS"
+    # Sections that did not run: n/a, not a failure.
+    assert {t["verdict"] for t in bench.targets(_results())} == {"n/a"}
+
+
+def test_parser_defaults():
+    parser = bench.build_parser(prog="mpevent bench")
+    assert parser.prog == "mpevent bench"
+    args = parser.parse_args(["--json"])
+    assert args.json == "bench-results.json"
+    args = parser.parse_args(["--quick", "--json", "x.json", "--plot", "c.png"])
+    assert (args.quick, args.json, args.plot) == (True, "x.json", "c.png")
+    assert "--smoke" not in parser.format_help()  # the test suite's, not a user option
+
+
+def test_unknown_section_is_an_error(capsys):
+    assert bench.main(["--smoke", "--sections", "cost,nope"]) == 2
+    assert "nope" in capsys.readouterr().err
+
+
+# -- a tiny real run -----------------------------------------------------------
+
+
+def test_smoke_run_has_every_section(tmp_path: Path, capsys):
+    out = tmp_path / "bench.json"
+    png = tmp_path / "bench.png"
+    assert bench.main(["--smoke", "--json", str(out), "--plot", str(png)]) == 0
+    printed = capsys.readouterr().out
+    for heading in ("1. producer cost", "2. end to end", "3. fan-out", "4. raise-to-receive",
+                    "5. memory", "targets"):  # fmt: skip
+        assert heading in printed
+    data = json.loads(out.read_text())
+    assert {"meta", "notes", "producer_cost", "end_to_end", "fanout", "latency", "memory",
+            "targets"} <= set(data)  # fmt: skip
+
+    cases = data["producer_cost"]["cases"]
+    for case in ("raise_0", "raise_1", "raise_8", "raise_64", "inline", "mp_queue"):
+        assert cases[case]["n"] == 3 * 20
+        assert 0 < cases[case]["median"] <= cases[case]["p99"]
+    assert data["producer_cost"]["bus_totals"]["dropped"] == 0  # timed calls all enqueued
+
+    summary = data["end_to_end"]["summary"]
+    mpevent = [r for r in summary if r["pipeline"] == "mpevent"]
+    assert {(r["producers"], r["senders"]) for r in mpevent} == {
+        (p, s) for p in (1, 2, 4) for s in (1, 2)
+    }
+    for run in data["end_to_end"]["runs"]:
+        assert run["rate"] > 0
+        if run["pipeline"] == "mpevent":
+            assert run["delivered"] == run["raised"] == 400
+            totals = run["bus_totals"]
+            assert totals["enqueued"] == totals["dispatched"] == 400
+    assert any(r["pipeline"] == "mp_queue" for r in summary)
+    assert any(r["pipeline"] == "bare" and r["send_rate"] > 0 for r in summary)
+
+    fan = data["fanout"]["summary"]
+    assert {r["subscribers"] for r in fan} == {1, 8, 64}
+    for r in fan:
+        assert r["rate"] > 0
+        if r["pipeline"] == "mpevent":
+            assert r["delivered"] == r["expected"]
+
+    lat = data["latency"]
+    assert lat["capacity"] > 0
+    assert [r["load"] for r in lat["loads"]] == [0.1, 0.5, 0.9]
+    for r in lat["loads"]:
+        assert r["delivered"] == r["raised"]
+        assert 0 < r["p50_ns"] <= r["p99_ns"] <= r["p999_ns"] <= r["max_ns"] < 10e9
+
+    mem = data["memory"]
+    assert mem["segment_bytes"] > 0
+    roles = {r["role"] for r in mem["roles"] if r["pipeline"] == "mpevent"}
+    assert {"producer", "hub", "sender", "sink"} <= roles
+    assert all(r["peak_rss"] > 0 for r in mem["roles"])
+
+    assert len(data["targets"]) == 7
+    assert {t["verdict"] for t in data["targets"]} <= {"PASS", "MISS", "n/a"}
+    if bench.optional_module("matplotlib") is not None:
+        assert png.stat().st_size > 0
+    else:
+        assert any("matplotlib" in n for n in data["notes"])
+
+
+def test_missing_optional_packages_are_skipped_with_a_note(monkeypatch, tmp_path, capsys):
+    real = bench.optional_module
+    monkeypatch.setattr(
+        bench, "optional_module", lambda name: None if name == "faster_fifo" else real(name)
+    )
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails
+    png = tmp_path / "none.png"
+    assert bench.main(["--smoke", "--sections", "cost", "--plot", str(png)]) == 0
+    printed = capsys.readouterr().out
+    assert "faster_fifo not installed" in printed
+    assert "matplotlib not installed" in printed
+    assert "faster_fifo.Queue.put" not in printed
+    assert not png.exists()
