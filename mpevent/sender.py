@@ -66,6 +66,7 @@ log = logging.getLogger("mpevent.sender")
 BATCH = 256  # records per lane per loop: fairness between lanes
 DEFAULT_BACKLOG = 16384  # datagrams per destination
 RECONNECT_INTERVAL_NS = 50_000_000
+ACTIVE_REFRESH_NS = 10_000_000  # how often to look for newly claimed lanes
 NAP = 50e-6  # an idle sender looks at its lanes this often...
 NAPS = 20  # ...this many times, before it sleeps until the doorbell rings
 
@@ -248,6 +249,10 @@ class Sender:
             )
             for lane in self.lanes
         ]
+        # The lanes some producer has claimed; the others stay empty, and
+        # looking at all of them on every pass costs microseconds.
+        self.active: list[tuple[int, LaneReader]] = []
+        self._active_at = 0
         self.table_gen = -1
         self.notes: list[Notification] = []
         self.routes: list[list[tuple[Endpoint, SubscriptionStats]]] = []
@@ -361,7 +366,7 @@ class Sender:
         words = self.words
         layout = self.seg.layout
         taken = 0
-        for lane, reader in self.readers:
+        for lane, reader in self.active:
             if not reader.pending():
                 continue
             routes = self.routes
@@ -434,6 +439,8 @@ class Sender:
             now = time.monotonic_ns()
             if self.next_deadline and now >= self.next_deadline:
                 self._build_routes(now)
+            if now >= self._active_at:
+                self._refresh_active(now)
             taken = self.drain_once()
             if self.blocked:
                 self._poll(0)
@@ -446,6 +453,9 @@ class Sender:
                 idle_since = 0
                 continue
             if stopping:
+                self._refresh_active(now)  # a lane claimed a moment ago counts too
+                if self.drain_once():
+                    continue
                 if not self.blocked:
                     break
                 if not idle_since:
@@ -464,10 +474,12 @@ class Sender:
             return True
         return self.parent_pid is not None and os.getppid() != self.parent_pid
 
-    def _active_readers(self) -> list[LaneReader]:
-        """Readers of lanes some producer has claimed (the others stay empty)."""
+    def _refresh_active(self, now: int) -> None:
         words, layout = self.words, self.seg.layout
-        return [r for lane, r in self.readers if words[layout.lane_word(lane) + L_CLAIMS]]
+        self.active = [
+            (lane, r) for lane, r in self.readers if words[layout.lane_word(lane) + L_CLAIMS]
+        ]
+        self._active_at = now + ACTIVE_REFRESH_NS
 
     def _sleep(self) -> None:
         # Nap briefly a few times before sleeping for real. While events keep
@@ -476,7 +488,7 @@ class Sender:
         # each lane's tail line right behind the producer writing it (which
         # would cost the producer a cache miss per event). Not while a
         # destination is blocked: then poll() must wait for it.
-        active = self._active_readers()
+        active = [reader for _, reader in self.active]
         if not self.blocked:
             for _ in range(NAPS):
                 time.sleep(NAP)
@@ -495,3 +507,4 @@ class Sender:
         self._poll(timeout)
         words[flag] = 0
         self.doorbell.drain()
+        self._active_at = 0  # woken up: maybe by a producer on a new lane
