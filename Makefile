@@ -25,7 +25,8 @@ test: $(STAMP)
 
 # The chaos suite at length: many rounds of SIGKILL under load, with figures.
 chaos: $(STAMP)
-	MPEVENT_CHAOS_ROUNDS=$${MPEVENT_CHAOS_ROUNDS:-200} $(BIN)/python -m pytest -q -s -m chaos tests/chaos
+	MPEVENT_CHAOS_ROUNDS=$${MPEVENT_CHAOS_ROUNDS:-200} MPEVENT_OVERLOAD_SECONDS=$${MPEVENT_OVERLOAD_SECONDS:-60} \
+	  $(BIN)/python -m pytest -q -s -m chaos tests/chaos
 
 # The benchmark, side by side; BENCH_ARGS="--quick" or "--json out.json --plot out.png".
 bench: $(BENCH_STAMP)
