@@ -188,3 +188,39 @@ def test_a_killed_hub_is_replaced_and_its_stale_segment_removed(tmp_path: Path, 
     finally:
         assert second.stop() == 0, second.log()
     assert not (Path("/dev/shm") / first.name).exists()
+
+
+def test_producers_keep_running_when_the_hub_is_killed(tmp_path: Path, udp_sink):
+    first = Daemon(tmp_path, extra_args=("--lane-size", "131072"))
+    name = first.name
+    first.mi("event_publish", ["E_K"])
+    first.mi("event_subscribe", ["E_K", udp_sink.address, 60])
+    conn = mpevent.connect(name)
+    try:
+        assert conn.raise_event("E_K", {"n": -1})
+        assert udp_sink.receive(1)
+        first.stop(signal.SIGKILL)
+        # Nobody drains any more: the lane fills, then every raise is a
+        # counted drop. Never an exception, never a wait.
+        refused = 0
+        slowest = 0.0
+        for i in range(20000):
+            t0 = time.perf_counter()
+            refused += not conn.raise_event("E_K", {"n": i})
+            slowest = max(slowest, time.perf_counter() - t0)
+        e = conn.stats()["events"]["E_K"]
+        assert refused > 0
+        assert e["dropped"] == refused
+        assert slowest < 0.5
+        second = Daemon(tmp_path, extra_args=("--name", name))
+        try:
+            second.mi("event_publish", ["E_K"])
+            second.mi("event_subscribe", ["E_K", udp_sink.address, 60])
+            udp_sink.quiet(0.2)  # whatever the old sender sent before it died
+            assert wait_for(lambda: conn.raise_event("E_K", {"n": "again"}), timeout=20)
+            assert conn.reattached == 1
+            assert encode_notification("E_K", {"n": "again"}) in udp_sink.receive(1)
+        finally:
+            assert second.stop() == 0, second.log()
+    finally:
+        conn.close()
