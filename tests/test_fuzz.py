@@ -1,0 +1,123 @@
+"""Hostile input: arbitrary params and destination strings never crash anything.
+
+``raise_event`` either enqueues (and then the subscriber gets valid JSON that
+decodes back to the params) or refuses with ``TypeError``/``ValueError``;
+``parse_destination`` either parses (and round-trips) or raises
+``DestinationError``. Nothing else, whatever the input. (The MI's own fuzz
+tests are in test_mi.py.)
+"""
+
+from __future__ import annotations
+
+import math
+
+import orjson
+import pytest
+from conftest import UdpSink
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mpevent import EventBus
+from mpevent.destination import DestinationError, parse_destination
+
+scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text()
+    | st.binary(max_size=8)
+    | st.sets(st.integers(), max_size=3)
+)
+keys = st.text(max_size=8) | st.integers() | st.none()
+values = st.recursive(
+    scalars,
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.tuples(inner, inner)
+        | st.dictionaries(keys, inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+params = (
+    st.none() | st.dictionaries(keys, values, max_size=5) | st.lists(values, max_size=5) | values
+)
+
+
+def _expected_json(value):
+    """What the subscriber must decode, or None when the value is not JSON-able."""
+    try:
+        encoded = orjson.dumps(value)
+    except TypeError:
+        return None
+    return orjson.loads(encoded)
+
+
+def _finite(value) -> bool:
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, dict):
+        return all(_finite(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return all(_finite(v) for v in value)
+    return True
+
+
+def _must_refuse(value) -> bool:
+    """Not None, a dict or a list; or not JSON; or NaN/infinity somewhere."""
+    if value is None:
+        return False
+    if not isinstance(value, dict | list | tuple):
+        return True
+    return _expected_json(value) is None or not _finite(value)
+
+
+@pytest.fixture(scope="module")
+def bus_and_sink():
+    sink = UdpSink()
+    with EventBus() as bus:
+        bus.publish_event("E_FUZZ")
+        bus.subscribe("E_FUZZ", sink.address, expire=None)
+        yield bus, sink
+    sink.close()
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(value=params)
+def test_raise_event_with_any_params(bus_and_sink, value):
+    bus, sink = bus_and_sink
+    try:
+        ok = bus.raise_event("E_FUZZ", value)
+    except (TypeError, ValueError):
+        assert _must_refuse(value), f"refused valid params {value!r}"
+        return
+    assert not _must_refuse(value), f"accepted invalid params {value!r}"
+    assert ok is True
+    (datagram,) = sink.receive(1, timeout=10)
+    note = orjson.loads(datagram)
+    assert note["jsonrpc"] == "2.0" and note["method"] == "E_FUZZ"
+    if value:
+        assert note["params"] == _expected_json(value)
+    else:
+        assert "params" not in note
+
+
+@settings(max_examples=500, deadline=None)
+@given(text=st.text(max_size=120) | st.from_regex(r"(udp|unix|UDP|tcp)?:?\S{0,60}", fullmatch=True))
+def test_parse_destination_with_any_text(text):
+    try:
+        dest = parse_destination(text, resolve=lambda host, port: [])
+    except DestinationError:
+        return
+    assert parse_destination(str(dest), resolve=lambda host, port: []) == dest
+
+
+def test_mi_subscribe_with_hostile_sockets(daemon):
+    from mpevent.client import MICallError
+
+    daemon.mi("event_publish", ["E_FUZZ"])
+    for sock in ["", "\0", "udp:", "udp:[::1", "unix:" + "x" * 5000, "udp:127.0.0.1:99999", "💥"]:
+        with pytest.raises(MICallError) as err:
+            daemon.mi("event_subscribe", ["E_FUZZ", sock, 10])
+        assert err.value.code == 400
+    assert daemon.mi("version")
