@@ -93,7 +93,14 @@ def _fork_producer(bus: EventBus, index: int) -> int:
 
 
 def _senders(bus: EventBus) -> list[psutil.Process]:
-    return [p for p in psutil.Process(bus.hub_pid).children() if p.status() != "zombie"]
+    alive = []
+    for p in psutil.Process(bus.hub_pid).children():
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE:
+                alive.append(p)
+        except psutil.NoSuchProcess:
+            pass  # reaped between the listing and the look
+    return alive
 
 
 @pytest.mark.chaos
