@@ -39,6 +39,7 @@ from .layout import (
     H_DRAIN_DEADLINE_NS,
     H_HUB_PID,
     H_STATE,
+    L_OWNER_PID,
     STATE_RUNNING,
     STATE_STOPPED,
     STATE_STOPPING,
@@ -153,6 +154,13 @@ class Hub:
         rows += [
             (pid, f"sender {i}") for pid, i in sorted(self.senders.items(), key=lambda x: x[1])
         ]
+        layout = self.seg.layout
+        for lane in range(layout.geometry.lanes):
+            # The lane's record lock says whether its producer lives; the
+            # owner word, which pid it was (a reused pid holds no lock).
+            pid = self.seg.words[layout.lane_word(lane) + L_OWNER_PID]
+            if pid and self.seg.lane_owner(lane) == pid:
+                rows.append((pid, f"producer lane {lane}"))
         out = []
         for pid, role in rows:
             try:
