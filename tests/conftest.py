@@ -14,6 +14,20 @@ import pytest
 
 SHM = Path("/dev/shm")
 SO_RCVBUFFORCE = 33  # Linux; the socket module does not export it
+# The MI methods DESIGN.md promises (OpenSIPS's names).
+DESIGN_METHODS = {
+    "event_subscribe",
+    "events_list",
+    "subscribers_list",
+    "raise_event",
+    "get_statistics",
+    "list_statistics",
+    "reset_statistics",
+    "ps",
+    "uptime",
+    "version",
+    "which",
+}
 
 
 def _children() -> set[int]:

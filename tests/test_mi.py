@@ -23,7 +23,7 @@ from unittest import mock
 
 import orjson
 import pytest
-from conftest import UdpSink, wait_for
+from conftest import DESIGN_METHODS, UdpSink, wait_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -35,19 +35,6 @@ from mpevent.registry import NS, Registry
 
 # -- part 1: the pure method table ---------------------------------------------
 
-DESIGN_METHODS = {
-    "event_subscribe",
-    "events_list",
-    "subscribers_list",
-    "raise_event",
-    "get_statistics",
-    "list_statistics",
-    "reset_statistics",
-    "ps",
-    "uptime",
-    "version",
-    "which",
-}
 
 STATS = {
     "mpevent:raised": 7,

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import wait_for
+from conftest import DESIGN_METHODS, wait_for
 
 import mpevent
 
@@ -34,19 +34,6 @@ OpenSIPSMIException = opensips_mi.OpenSIPSMIException
 OpenSIPSEventHandler = opensips_event.OpenSIPSEventHandler
 
 BIN = Path(sys.executable).parent
-DESIGN_METHODS = {
-    "event_subscribe",
-    "events_list",
-    "subscribers_list",
-    "raise_event",
-    "get_statistics",
-    "list_statistics",
-    "reset_statistics",
-    "ps",
-    "uptime",
-    "version",
-    "which",
-}
 
 
 def make_mi(daemon, kind: str):
