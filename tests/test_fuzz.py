@@ -121,3 +121,54 @@ def test_mi_subscribe_with_hostile_sockets(daemon):
             daemon.mi("event_subscribe", ["E_FUZZ", sock, 10])
         assert err.value.code == 400
     assert daemon.mi("version")
+
+
+# -- every MI method with random params -----------------------------------------
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**64 - 1)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=30)
+    | st.sampled_from(["E_A", "udp:127.0.0.1:9", "unix:/tmp/x", "all", "-1", "0", "[[[", "{}"]),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=10,
+)
+FUZZ_PER_METHOD = 150
+
+
+@pytest.mark.parametrize("method", sorted(__import__("mpevent.mi", fromlist=["METHODS"]).METHODS))
+def test_every_mi_method_with_random_params(method):
+    """Arbitrary params: always a JSON-RPC result or error with the request's id."""
+    from test_mi import FakeHub
+
+    from mpevent import mi
+
+    hub = FakeHub()
+    hub.registry.publish("E_A")
+    seen = []
+
+    @settings(max_examples=FUZZ_PER_METHOD, deadline=None)
+    @given(
+        params=json_values
+        | st.lists(json_values, max_size=4)
+        | st.dictionaries(
+            st.sampled_from(["event", "socket", "expire", "params", "statistics", "x"]), json_values
+        )
+    )
+    def check(params):
+        request = orjson.dumps({"jsonrpc": "2.0", "method": method, "params": params, "id": 7})
+        reply = orjson.loads(mi.handle(hub, request))
+        seen.append(1)
+        assert reply["id"] == 7
+        assert ("result" in reply) != ("error" in reply)
+        if "error" in reply:
+            assert isinstance(reply["error"]["code"], int)
+            assert reply["error"]["message"]
+            assert reply["error"]["code"] != mi.INTERNAL_ERROR, reply  # never a bug of ours
+
+    check()
+    assert len(seen) >= FUZZ_PER_METHOD // 2
