@@ -1,0 +1,72 @@
+"""Chaos: subscribers that vanish and come back; the others lose nothing."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import orjson
+import pytest
+from conftest import UdpSink, wait_for
+
+from mpevent import EventBus
+
+
+@pytest.mark.chaos
+@pytest.mark.timeout(300)
+def test_vanishing_unix_subscriber_costs_the_others_nothing(tmp_path):
+    healthy = UdpSink()
+    path = tmp_path / "flaky.sock"
+    closed_port = UdpSink()
+    dead_udp = closed_port.address
+    closed_port.close()  # a port nobody listens on
+    stop = threading.Event()
+    with EventBus() as bus:
+        bus.publish_event("E_FLAKY")
+        bus.subscribe("E_FLAKY", healthy.address, expire=None)
+        bus.subscribe("E_FLAKY", f"unix:{path}", expire=None)
+        bus.subscribe("E_FLAKY", dead_udp, expire=None)
+
+        raised = []
+
+        def produce() -> None:
+            n = 0
+            while not stop.is_set():
+                if bus.raise_event("E_FLAKY", {"n": n}):
+                    raised.append(n)
+                n += 1
+                time.sleep(0.0002)
+
+        producer = threading.Thread(target=produce)
+        producer.start()
+        back_for = []
+        try:
+            for _ in range(5):  # vanish, come back, read a while, vanish again
+                time.sleep(0.1)  # gone: the path does not exist
+                flaky = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                flaky.bind(str(path))
+                flaky.settimeout(5)
+                # It comes back: within the reconnect interval it gets events again.
+                got = orjson.loads(flaky.recv(65536))
+                back_for.append(got["params"]["n"])
+                flaky.close()
+                path.unlink()
+        finally:
+            stop.set()
+            producer.join()
+        expected = len(raised)
+        received = healthy.receive(expected, timeout=10)
+        wait_for(lambda: all(r["pending"] == 0 for r in bus.stats()["destinations"]))
+        rows = {r["socket"]: r for r in bus.stats()["destinations"]}
+    healthy.close()
+
+    assert [orjson.loads(d)["params"]["n"] for d in received] == raised
+    assert len(back_for) == 5
+    flaky_row = rows[f"unix:{path}"]
+    assert flaky_row["failed"] > 0 and flaky_row["sent"] > 0
+    assert flaky_row["enoent"] + flaky_row["econnrefused"] > 0
+    assert rows[dead_udp]["econnrefused"] > 0
+    for row in rows.values():
+        assert row["routed"] == row["sent"] + row["failed"] + row["dropped"] + row["pending"]
+        assert row["routed"] == expected
