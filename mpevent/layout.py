@@ -58,6 +58,11 @@ H_REPAIRED = 15  # enqueued counts the hub restored for dead producers
 INFO_AT = 1024
 INFO_BYTES = HEADER_BYTES - INFO_AT
 
+# A subscriber count no hub writes while it runs: a stopped hub stores it in
+# every count, so producers learn "hub gone" from the one load they make
+# anyway, and the path with no subscriber pays nothing for it.
+HUB_GONE = 1 << 62
+
 STATE_STARTING = 0
 STATE_RUNNING = 1
 STATE_STOPPING = 2

@@ -32,14 +32,13 @@ import orjson
 
 from .layout import (
     H_HUB_PID,
-    H_STATE,
+    HUB_GONE,
     P_DROPPED,
     P_ENQUEUED,
     P_NO_SUBSCRIBER,
     P_OVERSIZE,
     P_REJECTED,
     S_SLEEPING,
-    STATE_RUNNING,
 )
 from .payload import (
     MAX_DATAGRAM,
@@ -120,6 +119,7 @@ class Producer:
         self._lane: LaneWriter | None = None
         self._lane_index = -1
         self._counters_at = 0
+        self._no_subscriber_at: int | None = None  # set once a lane is ours (GIL builds)
         self._sleep_word = 0
         self._doorbell: Doorbell | None = None
         self._retry_claim_ns = 0
@@ -145,7 +145,7 @@ class Producer:
             raise UnknownEvent(f"event {name!r} is not published") from None
 
     def has_subscribers(self, name: str) -> bool:
-        return bool(self._words[self._sub_count_at + self.event_id(name)])
+        return 0 < self._words[self._sub_count_at + self.event_id(name)] < HUB_GONE
 
     # -- the fast path ----------------------------------------------------
 
@@ -161,20 +161,18 @@ class Producer:
         except (KeyError, TypeError):
             event_id = self._lookup(event)
         words = self._words
-        if not words[self._sub_count_at + event_id]:
-            if words[H_STATE] != STATE_RUNNING:
-                return self._hub_down()
-            if self._lane is None:
-                self._claim()
-            if _GIL and self._lane is not None:
+        subscribers = words[self._sub_count_at + event_id]
+        if not subscribers:
+            at = self._no_subscriber_at
+            if at is not None:
                 # Atomic under the GIL: no eval-breaker check (so no thread
                 # switch) between the load and the store of ``+=`` on a
-                # memoryview item; the lock would double this path's cost.
-                words[self._counters_at + P_NO_SUBSCRIBER + event_id * 8] += 1
-            else:
-                with self._lock:
-                    words[self._counters_at + P_NO_SUBSCRIBER + event_id * 8] += 1
-            return False
+                # memoryview item; a lock would double this path's cost.
+                words[at + event_id * 8] += 1
+                return False
+            return self._no_subscriber(event_id)
+        if subscribers >= HUB_GONE:
+            return self._hub_down()  # the hub stopped: see mpevent.table.clear_counts
         if self._lane is None:
             self._claim()
         counters = self._counters_at + event_id * 8
@@ -224,6 +222,14 @@ class Producer:
             f"event {event!r}: {params_len} bytes of params do not fit a lane of "
             f"{self._layout.geometry.lane_size} bytes (lane_size)"
         )
+
+    def _no_subscriber(self, event_id: int) -> bool:
+        """The slow way to count a call nobody listens to: no lane yet, or no GIL."""
+        if self._lane is None:
+            self._claim()
+        with self._lock:
+            self._words[self._counters_at + P_NO_SUBSCRIBER + event_id * 8] += 1
+        return False
 
     def _hub_down(self) -> bool:
         """The hub stopped: count, maybe reattach (rate-limited), never raise."""
@@ -287,6 +293,8 @@ class Producer:
             if isinstance(self._lock, _SpareLock):
                 self._lock = threading.Lock()
             self._counters_at = layout.prod_counter_word(lane, 0)
+            if _GIL:
+                self._no_subscriber_at = self._counters_at + P_NO_SUBSCRIBER
             sender = layout.lane_sender(lane)
             self._sleep_word = layout.sender_word(sender) + S_SLEEPING
             self._doorbell = self._doorbells[sender]

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import msgspec
 
-from .layout import EVENT_NAME_BYTES, H_EVENT_COUNT, H_TABLE_GEN, INFO_AT, INFO_BYTES
+from .layout import EVENT_NAME_BYTES, H_EVENT_COUNT, H_TABLE_GEN, HUB_GONE, INFO_AT, INFO_BYTES
 from .registry import Registry, Snapshot
 from .segment import Segment
 
@@ -63,10 +63,11 @@ def publish(seg: Segment, registry: Registry, known_events: int) -> int:
 
 
 def clear_counts(seg: Segment) -> None:
-    """Make every producer's probe say "nobody listens" (stopping)."""
+    """Tell every producer's probe that the hub is gone (stopping): they refuse
+    new events at once, count them as undelivered, and look for a new hub."""
     layout = seg.layout
     for event_id in range(layout.geometry.max_events):
-        seg.words[layout.sub_count_word(event_id)] = 0
+        seg.words[layout.sub_count_word(event_id)] = HUB_GONE
 
 
 def table_generation(seg: Segment) -> int:
