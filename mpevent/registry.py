@@ -118,7 +118,10 @@ class Registry:
             return event_id
         check_event_name(name)
         if len(self.events) >= self.max_events:
-            raise RegistryError(f"cannot publish {name!r}: all {self.max_events} event ids in use")
+            raise RegistryError(
+                f"cannot publish {name!r}: all {self.max_events} event ids in use "
+                "(segment.max_events)"
+            )
         event_id = len(self.events)
         self.events.append(name)
         self._event_ids[name] = event_id
@@ -155,10 +158,12 @@ class Registry:
             if sum(1 for k in self._subs if k[0] == event_id) >= self.max_subs_per_event:
                 raise RegistryError(
                     f"event {event!r} already has {self.max_subs_per_event} subscribers "
-                    "(max_subs_per_event)"
+                    "(security.max_subs_per_event)"
                 )
             if not self._free_slots:
-                raise RegistryError(f"all {self.max_subs} subscription slots in use (max_subs)")
+                raise RegistryError(
+                    f"all {self.max_subs} subscription slots in use (segment.max_subs)"
+                )
             sub = Subscription(
                 self._free_slots.pop(),
                 self._next_sub_id,
