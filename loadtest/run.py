@@ -35,37 +35,23 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import ctypes
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import psutil
 
-import mpevent
+from mpevent.private import PrivateHub, die_with_parent, free_port, short_tmpdir
 from mpevent.segment import shm_path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 EVENTS = "E_LOAD,E_SIP_REQUEST,E_PIKE_BLOCKED"
-
-
-def free_port(kind: int = socket.SOCK_DGRAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _pdeathsig() -> None:
-    """Runs in each child before exec: SIGTERM it if this script dies."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None).prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
 
 
 def say(text: str) -> None:
@@ -87,7 +73,7 @@ class Proc:
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT if out is not None else None,
-                preexec_fn=_pdeathsig,
+                preexec_fn=die_with_parent,
             )
         finally:
             if out is not None:
@@ -129,31 +115,13 @@ class Proc:
 # -- the parts ----------------------------------------------------------------
 
 
-def start_hub(
-    tmp: Path, name: str, env: dict[str, str], senders: int, lane_size: int | None
-) -> tuple[Proc, str]:
-    for _attempt in range(3):  # the free port may be taken before the hub binds it
-        mi = f"127.0.0.1:{free_port()}"
-        args = [
-            sys.executable, "-m", "mpevent", "serve",
-            "--name", name,
-            "--mi-udp", mi,
-            "--mi-http", "",
-            "--senders", str(senders),
-            "--log-level", "warning",
-        ]  # fmt: skip
-        if lane_size:
-            args += ["--lane-size", str(lane_size)]
-        hub = Proc("mpevent serve", args, env, tmp / "serve.log")
-        deadline = time.monotonic() + 20.0
-        while hub.alive() and time.monotonic() < deadline:
-            try:
-                mpevent.connect(name, timeout=0.1).close()
-                return hub, mi
-            except mpevent.NotServing:
-                continue
-        hub.stop()
-    raise RuntimeError(f"mpevent serve did not start:\n{hub.log()}")
+def start_hub(tmp: Path, name: str, senders: int, lane_size: int | None) -> PrivateHub:
+    extra = ["--senders", str(senders)]
+    if lane_size:
+        extra += ["--lane-size", str(lane_size)]
+    hub = PrivateHub(tmp, name, extra)
+    hub.start()
+    return hub
 
 
 def start_sink(tmp: Path, name: str, env: dict[str, str], drain: float) -> Proc:
@@ -328,9 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_term)
 
     name = f"mpevent-load-{os.getpid()}"
-    tmp = Path(tempfile.mkdtemp(prefix="mpevent-load-", dir="/tmp"))  # short: sun_path
+    tmp = short_tmpdir("mpevent-load-", name)
     run_dir = tmp / "run"
-    run_dir.mkdir(mode=0o700)
     env = dict(os.environ, XDG_RUNTIME_DIR=str(run_dir), MPEVENT_NAME=name)
     hub = sink = proxy = None
     locusts: list[Proc] = []
@@ -340,8 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     problem = ""
     grace = 0.0  # after a Ctrl-C the children got SIGINT too: let them finish first
     try:
-        hub, mi = start_hub(tmp, name, env, args.senders, args.lane_size)
-        say(f"mpevent serve on segment /dev/shm/{name}, MI udp:{mi}, runtime dir {run_dir}")
+        hub = start_hub(tmp, name, args.senders, args.lane_size)
+        say(f"mpevent serve on segment /dev/shm/{name}, MI udp:{hub.mi_udp}, runtime dir {run_dir}")
         sink = start_sink(tmp, name, env, args.drain_timeout)
         if args.sip_time > 0:
             proxy, port = start_proxy(tmp, name, env, args.workers, args.pike_limit)
@@ -396,13 +363,10 @@ def main(argv: list[str] | None = None) -> int:
                 signal.SIGTERM, timeout=args.drain_timeout + 30.0, grace=sink_grace
             )
         if hub is not None:
-            hub_code = hub.stop(signal.SIGTERM, timeout=30.0, grace=min(grace, 10.0))
+            hub_code = hub.stop(timeout=30.0, grace=min(grace, 10.0))
             hub_log = hub.log()
             if proxy is not None and proxy.returncode not in (0, None):
                 print(f"workers.sipproxy said:\n{proxy.log()}", file=sys.stderr)
-        if hub_code != 0:
-            # Only a killed or failed hub leaves its segment; the name is ours alone.
-            shm_path(name).unlink(missing_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
 
     print("\n== loadtest ==", flush=True)

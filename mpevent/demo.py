@@ -26,25 +26,21 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import mmap
 import os
 import select
 import shutil
 import signal
 import socket
-import subprocess
 import sys
-import tempfile
 import time
 import traceback
 from array import array
-from pathlib import Path
 from typing import Any
 
 import orjson
 
-from .connect import NotServing, connect
+from .private import PrivateHub, die_with_parent, short_tmpdir
 from .segment import shm_path
 
 EVENTS = ("E_SIP_REQUEST", "E_PIKE_BLOCKED")
@@ -53,96 +49,6 @@ EVENTS = ("E_SIP_REQUEST", "E_PIKE_BLOCKED")
 SLOT = 8
 SUB_RECEIVED, SUB_PIKE = 0, 1
 GEN_SENT, GEN_OK, GEN_FORBIDDEN, GEN_BAD = 0, 1, 2, 3
-
-
-def _free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _pdeathsig() -> None:
-    """Runs in the hub's child before exec: SIGTERM it if the demo dies."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None).prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
-
-
-def _make_tmp(name: str) -> Path:
-    """A private temporary directory, short enough for the hub's socket path."""
-    tmp = Path(tempfile.mkdtemp(prefix="mpevent-demo-"))
-    # sun_path holds 107 bytes; a deep $TMPDIR (a test runner's) would not
-    # fit the hub's MI socket, so fall back to /tmp then.
-    if len(os.fsencode(tmp / "run" / "mpevent" / f"{name}.sock")) > 100:
-        tmp.rmdir()
-        tmp = Path(tempfile.mkdtemp(prefix="mpevent-demo-", dir="/tmp"))
-    return tmp
-
-
-# -- the hub ------------------------------------------------------------------
-
-
-class HubProcess:
-    """``python -m mpevent serve`` isolated in ``tmp``; stopped with SIGTERM."""
-
-    def __init__(self, tmp: Path, name: str):
-        self.name = name
-        self.run_dir = tmp / "run"
-        self.log_path = tmp / "serve.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.returncode: int | None = None
-
-    def start(self, timeout: float = 20.0) -> None:
-        self.run_dir.mkdir(mode=0o700)
-        env = dict(os.environ, XDG_RUNTIME_DIR=str(self.run_dir))
-        for _attempt in range(3):  # the free port may be taken before the hub binds it
-            self.mi_udp = f"127.0.0.1:{_free_udp_port()}"
-            args = [
-                sys.executable, "-m", "mpevent", "serve",
-                "--name", self.name,
-                "--mi-udp", self.mi_udp,
-                "--mi-http", "",
-                "--log-level", "warning",
-            ]  # fmt: skip
-            with open(self.log_path, "ab") as log:
-                self.proc = subprocess.Popen(
-                    args,
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    env=env,
-                    preexec_fn=_pdeathsig,
-                )
-            deadline = time.monotonic() + timeout
-            while self.proc.poll() is None and time.monotonic() < deadline:
-                try:
-                    connect(self.name, timeout=0.1).close()
-                    return
-                except NotServing:
-                    continue
-            self.stop()
-        raise RuntimeError(f"mpevent serve did not start:\n{self.log()}")
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def stop(self, timeout: float = 30.0) -> int | None:
-        """SIGTERM, wait (it drains first), SIGKILL after ``timeout``; idempotent."""
-        proc, self.proc = self.proc, None
-        if proc is not None:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-            self.returncode = proc.returncode
-        # Only a killed hub leaves its segment; the name is ours alone.
-        shm_path(self.name).unlink(missing_ok=True)
-        return self.returncode
 
 
 # -- forked helpers -----------------------------------------------------------
@@ -170,7 +76,7 @@ class Child:
                 os.close(result_r)
                 os.close(stop_w)
                 signal.signal(signal.SIGINT, signal.SIG_IGN)  # the demo stops us
-                _pdeathsig()
+                die_with_parent()
                 if os.getppid() == parent:
                     result = body(stop_r)
                     with os.fdopen(result_w, "wb") as out:
@@ -338,8 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     from workers.sipproxy import SipProxy, set_rcvbuf
 
     name = f"mpevent-demo-{os.getpid()}"
-    tmp = _make_tmp(name)
-    hub = HubProcess(tmp, name)
+    tmp = short_tmpdir("mpevent-demo-", name)
+    hub = PrivateHub(tmp, name)
     shared = mmap.mmap(-1, 4096)  # MAP_SHARED | MAP_ANONYMOUS: survives fork
     counters = memoryview(shared).cast("Q")
     subscribers: list[tuple[Child, str]] = []
