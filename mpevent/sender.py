@@ -253,6 +253,7 @@ class Sender:
         # looking at all of them on every pass costs microseconds.
         self.active: list[tuple[int, LaneReader]] = []
         self._active_at = 0
+        self._parent_checked_at = 0
         self.table_gen = -1
         self.notes: list[Notification] = []
         self.routes: list[list[tuple[Endpoint, SubscriptionStats]]] = []
@@ -446,7 +447,7 @@ class Sender:
                 self._poll(0)
             words[me + S_HEARTBEAT_NS] = now
             words[me + S_LOOPS] += 1
-            stopping = self._should_stop()
+            stopping = self._should_stop(now)
             if stopping and now > words[H_DRAIN_DEADLINE_NS]:
                 break  # drain time is up: what is left is counted as not sent
             if taken:
@@ -469,10 +470,14 @@ class Sender:
         self.store_counters()
         return 0
 
-    def _should_stop(self) -> bool:
+    def _should_stop(self, now: int) -> bool:
         if self.words[H_STATE] != STATE_RUNNING:
             return True
-        return self.parent_pid is not None and os.getppid() != self.parent_pid
+        if self.parent_pid is None or now < self._parent_checked_at:
+            return False
+        # getppid() is a syscall: ask at most every ACTIVE_REFRESH_NS.
+        self._parent_checked_at = now + ACTIVE_REFRESH_NS
+        return os.getppid() != self.parent_pid
 
     def _refresh_active(self, now: int) -> None:
         words, layout = self.words, self.seg.layout
