@@ -50,7 +50,6 @@ H_CREATED_NS = 10
 H_TABLE_GEN = 11
 H_EVENT_COUNT = 12
 H_DRAIN_DEADLINE_NS = 13
-H_HUB_GEN = 14
 H_REPAIRED = 15  # enqueued counts the hub restored for dead producers
 
 # Bytes 1024..4095 of the header: where attachers find the daemon's MI and

@@ -103,10 +103,6 @@ def event_names(seg: Segment, start: int = 0) -> list[str]:
     return names
 
 
-def sub_count(seg: Segment, event_id: int) -> int:
-    return seg.words[seg.layout.sub_count_word(event_id)]
-
-
 def write_info(seg: Segment, info: dict) -> None:
     """What an attaching process needs to find the daemon (MI, doorbells)."""
     blob = msgspec.json.encode(info)
