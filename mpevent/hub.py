@@ -90,6 +90,7 @@ class Hub:
         self.registry = Registry(g.max_events, g.max_subs, options.max_subs_per_event)
         self.started = time.time()
         self.senders: dict[int, int] = {}  # pid -> sender index
+        self._respawn: dict[int, float] = {}  # sender index -> when to start it again
         self._known_events = 0
         self._signals: list[int] = []
         self._stat_baseline: dict[str, int] = {}
@@ -227,8 +228,16 @@ class Hub:
             log.warning(
                 "sender %d (pid %d) exited with status %#x; starting a new one", index, pid, status
             )
-            time.sleep(RESPAWN_DELAY)  # a sender that dies at once must not spin the hub
-            self.spawn_sender(index)
+            # Not at once, so a sender that dies on start cannot spin the hub;
+            # not by sleeping either: the MI must keep answering meanwhile.
+            self._respawn[index] = time.monotonic() + RESPAWN_DELAY
+
+    def _respawn_due(self) -> None:
+        now = time.monotonic()
+        for index, when in list(self._respawn.items()):
+            if when <= now and not self._stopping:
+                del self._respawn[index]
+                self.spawn_sender(index)
 
     # -- the loop -----------------------------------------------------------
 
@@ -255,6 +264,8 @@ class Hub:
             poller.register(fd, select.POLLIN)
         while not self._stopping:
             timeout = LOOP_TIMEOUT
+            if self._respawn:
+                timeout = min(timeout, RESPAWN_DELAY)
             deadline = self.registry.next_deadline()
             if deadline is not None:
                 timeout = min(timeout, max(0.0, (deadline - time.monotonic_ns()) / 1e9))
@@ -268,6 +279,7 @@ class Hub:
                     self._serve(by_fd[fd])
             self._serve_queued()
             self._handle_signals()
+            self._respawn_due()
             if self.registry.expire(time.monotonic_ns()):
                 self.commit()
             self.reclaimer.scan()
