@@ -372,10 +372,13 @@ class Sender:
                 continue
             routes = self.routes
             notes = self.notes
+            counters = layout.cons_counter_word(lane, 0)
             outgoing = []
-            tally: dict[int, int] = {}  # counter word -> records taken
+            tally: dict[int, int] = {}  # counter word -> how much to add
+            touched: dict[int, list[tuple[Endpoint, SubscriptionStats]]] = {}
             for event_id, body, _raised_ns in reader.read(BATCH):
-                cw = layout.cons_counter_word(lane, event_id)
+                taken += 1
+                cw = counters + event_id * 8
                 tally[cw + C_TAKEN] = tally.get(cw + C_TAKEN, 0) + 1
                 if event_id >= len(routes) or not routes[event_id]:
                     # A producer may have seen the subscriber count before
@@ -389,16 +392,24 @@ class Sender:
                 if len(datagram) > MAX_DATAGRAM:
                     tally[cw + C_OVERSIZE] = tally.get(cw + C_OVERSIZE, 0) + 1
                     continue
-                outgoing.append((cw, datagram, routes[event_id]))
+                targets = routes[event_id]
+                touched[event_id] = targets
+                outgoing.append((cw, datagram, targets))
             for word, n in tally.items():
                 words[word] += n
             reader.commit()
-            taken += len(outgoing)
+            tally.clear()
             for cw, datagram, targets in outgoing:
                 for ep, stats in targets:
                     ep.send(datagram, stats)
-                words[cw + C_DISPATCHED] += 1
-            self.store_counters()
+                tally[cw + C_DISPATCHED] = tally.get(cw + C_DISPATCHED, 0) + 1
+            for word, n in tally.items():
+                words[word] += n
+            # Only the subscriptions this batch used: with many subscribers,
+            # storing all of them after every small batch would dominate.
+            for targets in touched.values():
+                for _, stats in targets:
+                    stats.store(words)
         return taken
 
     def count_lost(self) -> int:
