@@ -133,12 +133,16 @@ class Producer:
         return event_id
 
     def _lookup(self, name: Any) -> int:
+        """Learn the events published since we last looked (rare, so locked:
+        two threads must not both append the same events)."""
         check_event_name(name)
-        for new_name in event_names(self._seg, len(self._prefix_len)):
-            prefix_len = len(params_prefix(new_name))
-            self._ids[new_name] = len(self._prefix_len)
-            self._prefix_len.append(prefix_len)
-            self._max_params.append(min(MAX_DATAGRAM - prefix_len - 1, self._max_body))
+        with self._lock:
+            start = len(self._prefix_len)
+            for event_id, new_name in enumerate(event_names(self._seg, start), start):
+                prefix_len = len(params_prefix(new_name))
+                self._prefix_len.append(prefix_len)
+                self._max_params.append(min(MAX_DATAGRAM - prefix_len - 1, self._max_body))
+                self._ids[new_name] = event_id  # last: the lists are ready when it is seen
         try:
             return self._ids[name]
         except KeyError:

@@ -1153,3 +1153,33 @@ def test_close_stops_hub_and_senders_but_not_for_a_child(kids: Kids, udp_sink) -
         senders2 = sender_processes(bus2, 1)
     assert gone(hub2)
     assert wait_for(lambda: all(gone(s) for s in senders2)), senders2
+
+
+def test_threads_learning_new_events_at_once_raise_the_right_event(udp_sink) -> None:
+    """The first raise of an event looks it up in the segment; eight threads
+    doing that at once must not give any event another's id."""
+    names = [f"E_NEW{i}" for i in range(40)]
+    with EventBus() as bus:
+        for name in names:
+            bus.publish_event(name)
+            bus.subscribe(name, udp_sink.address)
+        barrier = threading.Barrier(8)
+
+        def worker(k: int) -> None:
+            barrier.wait()
+            for name in names:
+                assert bus.raise_event(name, {"k": k, "name": name})
+
+        threads = [threading.Thread(target=worker, args=(k,)) for k in range(8)]
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(1e-6)  # switch threads as often as CPython can
+        try:
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        finally:
+            sys.setswitchinterval(interval)
+        got = [orjson.loads(d) for d in udp_sink.receive(8 * len(names))]
+    assert len(got) == 8 * len(names)
+    assert all(note["method"] == note["params"]["name"] for note in got)
