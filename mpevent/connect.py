@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
+import weakref
 from typing import Any
 
 from . import stats
@@ -62,6 +64,19 @@ def _attach(name: str, timeout: float) -> tuple[Segment, list[Doorbell], dict]:
     return seg, doorbells, info
 
 
+_connections: weakref.WeakSet[Connection] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    # A thread of the parent may have been reattaching: the child's copy of
+    # that lock would stay held forever.
+    for conn in list(_connections):
+        conn._reattaching = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class Connection:
     """A producer handle on a daemon's segment; survives daemon restarts."""
 
@@ -76,6 +91,8 @@ class Connection:
         # The hot call goes straight to the producer, as in EventBus.
         self.raise_event = self.producer.raise_event
         self.reattached = 0
+        self._reattaching = threading.Lock()
+        _connections.add(self)
 
     @property
     def undelivered(self) -> int:
@@ -110,6 +127,14 @@ class Connection:
 
     def _reattach(self) -> None:
         """Called by the producer's slow paths: is there a new hub to attach to?"""
+        if not self._reattaching.acquire(blocking=False):
+            return  # another thread of this process is at it
+        try:
+            self._reattach_locked()
+        finally:
+            self._reattaching.release()
+
+    def _reattach_locked(self) -> None:
         try:
             inode = os.stat(shm_path(self.name)).st_ino
         except OSError:
