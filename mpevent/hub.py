@@ -57,6 +57,7 @@ log = logging.getLogger("mpevent.hub")
 RESPAWN_DELAY = 0.1
 MAX_DATAGRAM_REPLY = 65507  # the largest UDP payload; HTTP has no such limit
 LOOP_TIMEOUT = 0.5
+HOUSEKEEPING_INTERVAL = 0.2  # reclaiming dead producers' lanes, watching the parent
 
 
 @dataclass
@@ -262,6 +263,7 @@ class Hub:
         by_fd = {s.fileno(): s for s in self.mi_sockets}
         for fd in by_fd:
             poller.register(fd, select.POLLIN)
+        next_housekeeping = 0.0
         while not self._stopping:
             timeout = LOOP_TIMEOUT
             if self._respawn:
@@ -282,11 +284,14 @@ class Hub:
             self._respawn_due()
             if self.registry.expire(time.monotonic_ns()):
                 self.commit()
-            self.reclaimer.scan()
-            parent = self.options.parent_pid
-            if parent is not None and os.getppid() != parent:
-                log.warning("the process that created the bus is gone; stopping")
-                self._stopping = True
+            now = time.monotonic()
+            if now >= next_housekeeping:  # not on every MI request: syscalls per lane
+                next_housekeeping = now + HOUSEKEEPING_INTERVAL
+                self.reclaimer.scan()
+                parent = self.options.parent_pid
+                if parent is not None and os.getppid() != parent:
+                    log.warning("the process that created the bus is gone; stopping")
+                    self._stopping = True
         return self._stop()
 
     def _handle_signals(self) -> None:
