@@ -25,7 +25,7 @@ from typing import Any
 from . import stats
 from .client import MICallError, MIClient, MIUnavailable
 from .destination import parse_destination
-from .hub import Hub, HubOptions, bind_datagram
+from .hub import Hub, HubOptions, bind_datagram, keep_only_fds
 from .layout import H_STATE, STATE_RUNNING, Geometry
 from .policy import DestinationPolicy
 from .producer import Producer
@@ -81,6 +81,10 @@ class EventBus:
         if pid == 0:
             code = 1
             try:
+                keep_only_fds(
+                    {self._seg.fd, sock.fileno()}
+                    | {fd for bell in self._doorbells for fd in (bell.read_fd, bell.write_fd)}
+                )
                 code = Hub(self._seg, self._doorbells, [sock], options).run()
             except BaseException:
                 log.exception("hub crashed")

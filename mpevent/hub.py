@@ -20,6 +20,7 @@ hub removes its sockets; the segment goes with its creator.
 from __future__ import annotations
 
 import errno
+import gc
 import logging
 import os
 import queue
@@ -197,14 +198,12 @@ class Hub:
             # The hub decides when to stop; a terminal's Ctrl-C reaches the
             # whole process group and must not kill a sender mid-batch.
             signal.signal(signal.SIGINT, signal.SIG_IGN)
-            for sock in self.mi_sockets:
-                sock.close()
-            os.close(self._wake_r)
-            os.close(self._wake_w)
+            doorbell = self.doorbells[index]
+            keep_only_fds({self.seg.fd, doorbell.read_fd, doorbell.write_fd})
             code = Sender(
                 self.seg,
                 index,
-                self.doorbells[index],
+                doorbell,
                 self.options.backlog,
                 parent_pid=os.getppid(),
             ).run()
@@ -417,6 +416,25 @@ class Hub:
         os.close(self._wake_r)
         os.close(self._wake_w)
         return 0
+
+
+def keep_only_fds(keep: set[int]) -> None:
+    """In a freshly forked child: close every descriptor but stdio and ``keep``.
+
+    A forked child inherits all of its parent's descriptors: the listening
+    sockets of the server that created the bus, a subscriber's socket the
+    test or the application holds... A hub or sender keeping them open keeps
+    ports bound and peers alive after their owner closed them. The Python
+    objects wrapping them stay behind, so they are frozen out of the garbage
+    collector first: one collected later would close whatever new descriptor
+    has taken its number.
+    """
+    gc.freeze()
+    low = 3
+    for fd in sorted(fd for fd in keep if fd >= 3):
+        os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, os.sysconf("SC_OPEN_MAX"))
 
 
 def bind_datagram(dest: Destination, mode: int | None = None) -> socket.socket:

@@ -125,13 +125,23 @@ class SubscriptionStats:
 class Endpoint:
     """One destination's connected socket and backlog, shared by its subscriptions."""
 
-    __slots__ = ("backlog", "backlog_limit", "dest", "last_errno", "on_blocked", "retry_at", "sock")
+    __slots__ = (
+        "backlog",
+        "backlog_limit",
+        "dest",
+        "last_errno",
+        "on_blocked",
+        "on_closed",
+        "retry_at",
+        "sock",
+    )
 
-    def __init__(self, route: Route, backlog_limit: int, on_blocked):
+    def __init__(self, route: Route, backlog_limit: int, on_blocked, on_closed):
         self.dest = route.destination
         self.backlog: deque[tuple[bytes, SubscriptionStats]] = deque()
         self.backlog_limit = backlog_limit
-        self.on_blocked = on_blocked
+        self.on_blocked = on_blocked  # the sender polls for POLLOUT from now on
+        self.on_closed = on_closed  # ... and stops before the descriptor closes
         self.sock: socket.socket | None = None
         self.last_errno = 0
         self.retry_at = 0
@@ -180,8 +190,12 @@ class Endpoint:
         stats.fail(code)
         self.last_errno = code
         if self.dest.kind == "unix" and code in (errno.ECONNREFUSED, errno.ENOENT, errno.ENOTCONN):
-            # The listener went away; a new one may bind the same path.
+            # The listener went away; a new one may bind the same path, so
+            # the next datagram reconnects. What waited for this socket fails.
             self.close()
+            while self.backlog:
+                _, waiting = self.backlog.popleft()
+                waiting.fail(code)
             self.retry_at = 0
 
     def flush(self) -> bool:
@@ -215,6 +229,9 @@ class Endpoint:
 
     def close(self) -> None:
         if self.sock is not None:
+            # Unregister before closing: the number may be reused at once by
+            # another destination's socket, which must not inherit our poll.
+            self.on_closed(self)
             self.sock.close()
             self.sock = None
 
@@ -298,7 +315,7 @@ class Sender:
             dest = route.destination
             ep = live_dests.get(dest) or self.endpoints.get(dest)
             if ep is None:
-                ep = Endpoint(route, self.backlog_limit, self._blocked)
+                ep = Endpoint(route, self.backlog_limit, self._blocked, self._unblock)
             live_dests[dest] = ep
             if route.event_id < len(routes):
                 routes[route.event_id].append((ep, stats))

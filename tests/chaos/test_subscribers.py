@@ -70,3 +70,39 @@ def test_vanishing_unix_subscriber_costs_the_others_nothing(tmp_path):
     for row in rows.values():
         assert row["routed"] == row["sent"] + row["failed"] + row["dropped"] + row["pending"]
         assert row["routed"] == expected
+
+
+@pytest.mark.chaos
+@pytest.mark.timeout(120)
+def test_stuck_subscriber_that_goes_away_then_comes_back(tmp_path):
+    """Its backlog fails when it goes, nothing stays stuck, the new one gets events."""
+    path = tmp_path / "stuck.sock"
+    stuck = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    stuck.bind(str(path))  # never read: 10 datagrams queue, the rest wait in the backlog
+    with EventBus(backlog=1000) as bus:
+        bus.publish_event("E_STUCK")
+        bus.subscribe("E_STUCK", f"unix:{path}", expire=None)
+        for n in range(200):
+            assert bus.raise_event("E_STUCK", {"n": n})
+
+        def row():
+            return bus.stats()["destinations"][0]
+
+        assert wait_for(lambda: row()["pending"] > 100), row()
+        stuck.close()
+        path.unlink()
+        # The sender learns it when the socket turns writable (the peer is gone).
+        assert wait_for(lambda: row()["pending"] == 0, timeout=10), row()
+        back = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        back.bind(str(path))
+        back.settimeout(5)
+        try:
+            assert wait_for(lambda: bus.raise_event("E_STUCK", {"n": "back"}) and True)
+            got = orjson.loads(back.recv(65536))
+            assert got["params"] == {"n": "back"}
+        finally:
+            back.close()
+            path.unlink()
+        r = row()
+    assert r["routed"] == r["sent"] + r["failed"] + r["dropped"] + r["pending"]
+    assert r["failed"] >= 100 and r["pending"] == 0
