@@ -430,7 +430,8 @@ class Sender:
         return taken
 
     def count_lost(self) -> int:
-        """At start: count what a killed predecessor took and never sent."""
+        """At start: count what a killed predecessor took and never sent
+        (events, as ``lost``) and what its backlogs held (as ``dropped``)."""
         words, layout = self.words, self.seg.layout
         lost = 0
         for lane, _ in self.readers:
@@ -446,6 +447,18 @@ class Sender:
                 if missing > 0:
                     words[cw + C_LOST] += missing
                     lost += missing
+        # Datagrams that waited in the predecessor's backlogs went with it:
+        # they count as dropped for their destination, never as pending forever.
+        for slot in range(layout.geometry.max_subs):
+            w = layout.dest_counter_word(self.index, slot)
+            if not words[w + D_ID]:
+                continue
+            pending = words[w + D_ROUTED] - (
+                words[w + D_SENT] + words[w + D_FAILED] + words[w + D_DROPPED]
+            )
+            if pending > 0:
+                words[w + D_DROPPED] += pending
+                lost += pending
         return lost
 
     def store_counters(self) -> None:

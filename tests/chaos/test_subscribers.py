@@ -7,6 +7,7 @@ import threading
 import time
 
 import orjson
+import psutil
 import pytest
 from conftest import UdpSink, wait_for
 
@@ -106,3 +107,33 @@ def test_stuck_subscriber_that_goes_away_then_comes_back(tmp_path):
         r = row()
     assert r["routed"] == r["sent"] + r["failed"] + r["dropped"] + r["pending"]
     assert r["failed"] >= 100 and r["pending"] == 0
+
+
+@pytest.mark.chaos
+@pytest.mark.timeout(120)
+def test_a_killed_senders_backlog_is_counted_not_left_pending(tmp_path):
+    path = tmp_path / "slow.sock"
+    slow = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    slow.bind(str(path))  # never read: the sender's backlog holds the rest
+    try:
+        with EventBus(backlog=1000) as bus:
+            bus.publish_event("E_SLOW")
+            bus.subscribe("E_SLOW", f"unix:{path}", expire=None)
+            for n in range(300):
+                assert bus.raise_event("E_SLOW", {"n": n})
+
+            def row():
+                return bus.stats()["destinations"][0]
+
+            assert wait_for(lambda: row()["pending"] > 200), row()
+            (sender,) = psutil.Process(bus.hub_pid).children()
+            sender.kill()
+            sender.wait(10)
+            # Its successor counts what the backlog held as dropped.
+            assert wait_for(lambda: row()["pending"] == 0, timeout=10), row()
+            r = row()
+        assert r["routed"] == 300 == r["sent"] + r["failed"] + r["dropped"]
+        assert r["dropped"] > 200
+    finally:
+        slow.close()
+        path.unlink()
