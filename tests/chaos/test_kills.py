@@ -144,19 +144,22 @@ def test_random_kills_under_load_lose_nothing_silently():
                     producers[_fork_producer(bus, next_index)] = next_index
                     next_index += 1
                 else:
+                    # Kill one of the two senders of a steady state.
+                    assert wait_for(lambda: len(_senders(bus)) == 2, timeout=10)
                     victim = rng.choice(_senders(bus))
                     before = {p.pid for p in _senders(bus)}
                     victim.kill()
                     killed_at = time.monotonic()
                     kills["sender"] += 1
-                    replaced = wait_for(
-                        lambda before=before, victim=victim: (
-                            len({p.pid for p in _senders(bus)} - (before - {victim.pid})) == 1
-                        ),
-                        timeout=10,
-                        interval=0.005,
+
+                    def replaced(before=before, victim=victim) -> bool:
+                        alive = {p.pid for p in _senders(bus)}
+                        return victim.pid not in alive and len(alive) == 2 and bool(alive - before)
+
+                    assert wait_for(replaced, timeout=10, interval=0.005), (
+                        f"a killed sender was not replaced: before {before}, victim {victim.pid}, "
+                        f"now {[p.pid for p in _senders(bus)]}"
                     )
-                    assert replaced, "a killed sender was not replaced"
                     respawn_times.append(time.monotonic() - killed_at)
         finally:
             for pid in producers:
