@@ -460,27 +460,17 @@ def _on_sigterm(signum: int, frame: Any) -> None:
     raise _Stop
 
 
-def _socket_alive(path: str) -> bool:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as probe:
-        try:
-            probe.connect(path)
-        except OSError:
-            return False
-    return True
-
-
 def _bind_listener(dest: Destination) -> tuple[socket.socket, Path | None]:
     """Bind ``dest``; returns the socket and the UNIX socket file it created."""
     created = None
     if dest.family == socket.AF_UNIX and not dest.host.startswith("\0"):
-        path = Path(dest.host)
-        if path.exists() or path.is_symlink():
-            if not path.is_socket():
-                raise UsageError(f"cannot listen on {dest}: the path exists and is not a socket")
-            if _socket_alive(dest.host):
-                raise UsageError(f"cannot listen on {dest}: another process is bound to it")
-            path.unlink()  # left by a listener that is gone
-        created = path
+        from .hub import SocketInUse, claim_socket_path
+
+        created = Path(dest.host)
+        try:
+            claim_socket_path(created)
+        except SocketInUse as exc:
+            raise UsageError(f"cannot listen on {dest}: {exc}") from None
     sock = socket.socket(dest.family, socket.SOCK_DGRAM)
     try:
         if dest.family != socket.AF_UNIX:

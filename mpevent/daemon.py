@@ -27,7 +27,7 @@ import psutil
 
 from .config import ConfigError, ServeConfig, load
 from .destination import Destination
-from .hub import Hub, HubOptions, bind_datagram
+from .hub import Hub, HubOptions, SocketInUse, bind_datagram
 from .layout import H_HUB_PID, H_STATE, STATE_STOPPED
 from .mihttp import HttpMI
 from .segment import Segment, SegmentError, shm_path
@@ -124,11 +124,12 @@ def open_listeners(config: ServeConfig) -> Listeners:
         if config.mi_unix:
             path = config.mi_unix
             path.parent.mkdir(parents=True, exist_ok=True)
-            if path.exists() and _socket_alive(path):
-                raise AlreadyRunning(f"MI socket {path} is in use by another process")
-            sock = bind_datagram(
-                Destination("unix", socket.AF_UNIX, str(path), 0), config.mi_unix_mode
-            )
+            try:
+                sock = bind_datagram(
+                    Destination("unix", socket.AF_UNIX, str(path), 0), config.mi_unix_mode
+                )
+            except SocketInUse as exc:
+                raise AlreadyRunning(f"MI socket {exc}") from None
             out.unix_path = path
             out.sockets.append(sock)
             log.info("MI listening on unix:%s (mode %o)", path, config.mi_unix_mode)
@@ -147,15 +148,6 @@ def open_listeners(config: ServeConfig) -> Listeners:
 
 def _is_loopback(host: str) -> bool:
     return ipaddress.ip_address(host).is_loopback
-
-
-def _socket_alive(path: Path) -> bool:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as probe:
-        try:
-            probe.connect(str(path))
-        except OSError:
-            return False
-    return True
 
 
 def serve(config_path: str | None, overrides: dict[str, object] | None = None) -> int:

@@ -30,6 +30,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -134,7 +135,6 @@ class Hub:
         data = stats.collect(self.seg)
         for key, value in data["totals"].items():
             flat[f"mpevent:{key}"] = value
-        flat["mpevent:lost_in_flight"] = data["lost_in_flight"]
         for name, sums in data["events"].items():
             for key, value in sums.items():
                 flat[f"event:{name}.{key}"] = value
@@ -405,13 +405,7 @@ class Hub:
             self.senders.pop(pid, None)
         words[H_STATE] = STATE_STOPPED
         for sock in self.mi_sockets:
-            path = sock.getsockname() if sock.family == socket.AF_UNIX else None
-            sock.close()
-            if isinstance(path, str) and path.startswith("/"):
-                try:
-                    os.unlink(path)
-                except FileNotFoundError:
-                    pass
+            sock.close()  # their files belong to whoever bound them (the daemon)
         signal.set_wakeup_fd(-1)
         os.close(self._wake_r)
         os.close(self._wake_w)
@@ -437,19 +431,36 @@ def keep_only_fds(keep: set[int]) -> None:
     os.closerange(low, os.sysconf("SC_OPEN_MAX"))
 
 
+class SocketInUse(OSError):
+    """A UNIX socket path another process listens on, or that is not a socket."""
+
+
+def claim_socket_path(path: Path) -> None:
+    """Make ``path`` free to bind: remove a socket file nobody listens on any more."""
+    if not (path.exists() or path.is_symlink()):
+        return
+    if not path.is_socket():
+        raise SocketInUse(f"{path} exists and is not a socket")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            path.unlink()  # left by a listener that is gone
+            return
+    raise SocketInUse(f"{path}: another process is bound to it")
+
+
 def bind_datagram(dest: Destination, mode: int | None = None) -> socket.socket:
     """A non-blocking datagram socket bound to ``dest`` (the MI listener)."""
     sock = socket.socket(dest.family, socket.SOCK_DGRAM)
     try:
         if dest.family == socket.AF_UNIX:
             path = dest.sockaddr
-            if isinstance(path, str) and path.startswith("/"):
-                try:
-                    os.unlink(path)
-                except FileNotFoundError:
-                    pass
+            on_disk = isinstance(path, str) and path.startswith("/")  # not abstract
+            if on_disk:
+                claim_socket_path(Path(path))
             sock.bind(path)
-            if mode is not None and isinstance(path, str) and path.startswith("/"):
+            if on_disk and mode is not None:
                 os.chmod(path, mode)
         else:
             sock.bind(dest.sockaddr)

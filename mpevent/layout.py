@@ -13,7 +13,7 @@ different regions never share a cache line.
 Region order::
 
     header        4096 B   magic, geometry, state, table generation
-    senders       128 B per sender slot: sleeping flag line, pid/heartbeat line
+    senders       128 B per sender slot: sleeping flag line, loop counter line
     sub_count     8 B per event: live subscribers, the producers' probe
     event_names   72 B per event: length + UTF-8 name
     table         the hub's subscription snapshot (seqlock-protected blob)
@@ -69,19 +69,15 @@ STATE_STOPPED = 3
 
 # Sender block words (relative to the block): two cache lines, because
 # every producer reads the sleeping flag on every raise and the sender
-# writes its heartbeat on every loop; sharing a line would make each raise
-# a cache miss.
+# counts its loops; sharing a line would make each raise a cache miss.
 SENDER_BLOCK = 2 * CACHE_LINE
 S_SLEEPING = 0
-S_PID = 8
-S_HEARTBEAT_NS = 9
-S_LOOPS = 10
+S_LOOPS = 8  # passes of the sender's loop (a test watches it spin, or not)
 
 # Lane control words (relative to the lane block); 3 cache lines so that the
 # producer's tail and the consumer's head never share one.
 L_TAIL = 0
-L_OWNER_PID = 1
-L_OWNER_START = 2
+L_OWNER_PID = 1  # 0: free; else the pid that claimed it (its lock says if it lives)
 L_CLAIMS = 3
 L_HEAD = 8
 LANE_BLOCK_WORDS = 24

@@ -73,16 +73,6 @@ class UnknownEvent(ValueError):
     """``raise_event`` for an event nobody published."""
 
 
-def process_start_time(pid: int) -> int:
-    """Start time of ``pid`` in clock ticks since boot (tells pid reuse apart)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
-        return int(fields[19])
-    except (OSError, IndexError, ValueError):
-        return 0
-
-
 class Producer:
     """Raises events into a segment from any process that maps it."""
 
@@ -149,7 +139,8 @@ class Producer:
             raise UnknownEvent(f"event {name!r} is not published") from None
 
     def has_subscribers(self, name: str) -> bool:
-        return 0 < self._words[self._sub_count_at + self.event_id(name)] < HUB_GONE
+        count = self._words[self._sub_count_at + self.event_id(name)]
+        return 0 < count < HUB_GONE
 
     # -- the fast path ----------------------------------------------------
 
@@ -180,19 +171,23 @@ class Producer:
         if self._lane is None:
             self._claim()
         counters = self._counters_at + event_id * 8
-        try:
-            if params.__class__ is dict and params:  # the common case, inlined
+        body = None
+        if params.__class__ is dict and params:  # the common case, inlined
+            try:
                 body = _dumps(params)
-                # find(), not "in": bytes.__contains__ first tries the needle
-                # as an int and pays for the TypeError it then swallows.
-                if body.find(b"null") >= 0:
-                    body = encode_params(params)  # checks for NaN and infinities
-            else:
+            except TypeError:
+                pass  # encode_params below says what is wrong
+            # find(), not "in": bytes.__contains__ first tries the needle as
+            # an int and pays for the TypeError it then swallows. A "null"
+            # may be NaN or infinity, which encode_params refuses.
+            if body is not None and body.find(b"null") >= 0:
+                body = None
+        if body is None:
+            try:
                 body = encode_params(params)
-        except (TypeError, ValueError):
-            self._count_rejected(counters, False)
-            encode_params(params)  # raises the error that names the problem
-            raise
+            except (TypeError, ValueError):
+                self._count_rejected(counters, False)
+                raise
         if len(body) > self._max_params[event_id]:
             self._count_rejected(counters, True)
             self._refuse_oversize(event, event_id, len(body))
@@ -235,20 +230,25 @@ class Producer:
             self._words[self._counters_at + P_NO_SUBSCRIBER + event_id * 8] += 1
         return False
 
+    def _health_check_due(self) -> bool:
+        """Looking for a new hub costs syscalls: at most every _HEALTH_CHECK_NS."""
+        now = _clock()
+        if now < self._next_health_check:
+            return False
+        self._next_health_check = now + _HEALTH_CHECK_NS
+        return True
+
     def _hub_down(self) -> bool:
-        """The hub stopped: count, maybe reattach (rate-limited), never raise."""
+        """The hub stopped: count, maybe reattach, never raise."""
         self.undelivered += 1
-        if self.on_hub_down is not None and _clock() >= self._next_health_check:
-            self._next_health_check = _clock() + _HEALTH_CHECK_NS
+        if self.on_hub_down is not None and self._health_check_due():
             self.on_hub_down()
         return False
 
     def _check_hub(self) -> None:
-        """On a full lane: is the hub alive? At most every _HEALTH_CHECK_NS."""
-        now = _clock()
-        if now < self._next_health_check:
+        """On a full lane: is the hub alive?"""
+        if not self._health_check_due():
             return
-        self._next_health_check = now + _HEALTH_CHECK_NS
         pid = self._words[H_HUB_PID]
         if not pid:
             return
@@ -276,8 +276,7 @@ class Producer:
             now = time.monotonic_ns()
             lane = None
             if now >= self._retry_claim_ns:
-                pid = os.getpid()
-                lane = self._seg.claim_lane(pid, process_start_time(pid))
+                lane = self._seg.claim_lane(os.getpid())
             if lane is None:
                 # Every lane is owned: count in the spare block (see
                 # _SpareLane) and look for a free lane again later.

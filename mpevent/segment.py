@@ -45,7 +45,6 @@ from .layout import (
     H_VERSION,
     L_CLAIMS,
     L_OWNER_PID,
-    L_OWNER_START,
     LAYOUT_VERSION,
     MAGIC,
     Geometry,
@@ -187,7 +186,7 @@ class Segment:
 
     # -- lanes ------------------------------------------------------------
 
-    def claim_lane(self, pid: int, start_time: int) -> int | None:
+    def claim_lane(self, pid: int) -> int | None:
         """Take the first free lane for this process; None when all are owned.
 
         A lane is free when nobody holds its lock *and* its owner word is 0.
@@ -205,7 +204,6 @@ class Segment:
                 self._unlock(lane)  # a dead owner's lane, not reclaimed yet
                 continue
             self.claimed.add(lane)
-            self.words[w + L_OWNER_START] = start_time
             self.words[w + L_CLAIMS] += 1
             self.words[w + L_OWNER_PID] = pid
             return lane

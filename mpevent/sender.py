@@ -48,9 +48,7 @@ from .layout import (
     H_EVENT_COUNT,
     H_STATE,
     L_CLAIMS,
-    S_HEARTBEAT_NS,
     S_LOOPS,
-    S_PID,
     S_SLEEPING,
     STATE_RUNNING,
 )
@@ -278,10 +276,9 @@ class Sender:
         self.endpoints: dict[object, Endpoint] = {}
         self.stats: dict[int, SubscriptionStats] = {}
         self.next_deadline = 0
-        self.blocked: set[Endpoint] = set()
+        self.blocked: dict[int, Endpoint] = {}  # socket fd -> destination waiting for POLLOUT
         self.poller = select.poll()
         self.poller.register(doorbell.read_fd, select.POLLIN)
-        self._fd_endpoint: dict[int, Endpoint] = {}
 
     # -- subscription table ---------------------------------------------
 
@@ -332,38 +329,31 @@ class Sender:
 
     def _retire(self, ep: Endpoint) -> None:
         ep.drop_backlog()
-        self._unblock(ep)
-        ep.close()
+        ep.close()  # unblocks it too
 
     # -- backlog ----------------------------------------------------------
 
     def _blocked(self, ep: Endpoint) -> None:
-        if ep not in self.blocked and ep.sock is not None:
-            self.blocked.add(ep)
-            fd = ep.sock.fileno()
-            self._fd_endpoint[fd] = ep
+        fd = ep.sock.fileno()
+        if fd not in self.blocked:
+            self.blocked[fd] = ep
             self.poller.register(fd, select.POLLOUT)
 
     def _unblock(self, ep: Endpoint) -> None:
-        if ep in self.blocked:
-            self.blocked.discard(ep)
-            for fd, other in list(self._fd_endpoint.items()):
-                if other is ep:
-                    del self._fd_endpoint[fd]
-                    try:
-                        self.poller.unregister(fd)
-                    except KeyError:
-                        pass
+        if ep.sock is not None and self.blocked.get(ep.sock.fileno()) is ep:
+            fd = ep.sock.fileno()
+            del self.blocked[fd]
+            self.poller.unregister(fd)
 
     def _poll(self, timeout_ms: float) -> None:
         """Wait for the doorbell or blocked destinations; flush those writable."""
         flushed = False
         for fd, _ in self.poller.poll(timeout_ms):
-            ep = self._fd_endpoint.get(fd)
+            ep = self.blocked.get(fd)
             if ep is None:
-                continue
+                continue  # the doorbell
             flushed = True
-            if ep.flush() or ep.sock is None:
+            if ep.flush():  # empty (a closed socket unblocked itself)
                 self._unblock(ep)
         if flushed:
             self.store_counters()
@@ -468,7 +458,6 @@ class Sender:
     def run(self) -> int:
         words = self.words
         me = self.my_word
-        words[me + S_PID] = os.getpid()
         lost = self.count_lost()
         if lost:
             log.warning(
@@ -486,7 +475,6 @@ class Sender:
             taken = self.drain_once()
             if self.blocked:
                 self._poll(0)
-            words[me + S_HEARTBEAT_NS] = now
             words[me + S_LOOPS] += 1
             stopping = self._should_stop(now)
             if stopping and now > words[H_DRAIN_DEADLINE_NS]:

@@ -463,7 +463,7 @@ POOL = random.Random(1).randbytes(1 << 14)
 
 
 def _stress_producer(seg: Segment, index: int, count: int, parent: int) -> int:
-    lane = seg.claim_lane(os.getpid(), 0)
+    lane = seg.claim_lane(os.getpid())
     if lane is None:
         print(f"producer {index}: no lane", file=sys.stderr)
         return 3
@@ -537,7 +537,7 @@ def test_four_producers_stress() -> None:
 
 def _doomed_producer(seg: Segment, round_: int, count: int, parent: int) -> int:
     """Push crc records (forever when ``count`` is 0) into lane 0."""
-    lane = seg.claim_lane(os.getpid(), 0)
+    lane = seg.claim_lane(os.getpid())
     if lane != 0:
         print(f"round {round_}: claimed {lane}", file=sys.stderr)
         return 3
@@ -770,7 +770,7 @@ def test_attach_rejects_wrong_size() -> None:
 
 
 def _claim_and_report(seg: Segment, check_own: bool, out: int) -> int:
-    lane = seg.claim_lane(os.getpid(), 0)
+    lane = seg.claim_lane(os.getpid())
     if check_own:
         owned = seg.lane_is_owned(lane)
         os.write(out, b"1" if owned else b"0")
