@@ -52,6 +52,7 @@ from .layout import (
     S_SLEEPING,
     STATE_RUNNING,
 )
+from .mmsg import BatchSend
 from .payload import MAX_DATAGRAM, Notification
 from .registry import Route
 from .ring import LaneReader
@@ -158,30 +159,55 @@ class Endpoint:
         self.sock = sock
         return True
 
-    def send(self, datagram: bytes, stats: SubscriptionStats) -> None:
-        stats.routed += 1
+    def send(
+        self, datagrams: list[bytes], stats: list[SubscriptionStats], sender: BatchSend
+    ) -> None:
+        """Send a batch in order (``stats[i]`` is the subscription of ``datagrams[i]``)."""
+        for st in stats:
+            st.routed += 1
         if self.backlog:
-            if len(self.backlog) < self.backlog_limit:
-                self.backlog.append((datagram, stats))
-            else:
-                stats.dropped += 1
+            self._queue(datagrams, stats, 0)
             return
         sock = self.sock
         if sock is None:
             if time.monotonic_ns() < self.retry_at or not self._connect():
-                stats.fail(self.last_errno)
+                for st in stats:
+                    st.fail(self.last_errno)
                 return
             sock = self.sock
-        try:
-            sock.send(datagram)
-        except BlockingIOError:
-            self.backlog.append((datagram, stats))
-            self.on_blocked(self)
-        except OSError as exc:
-            self._failed(exc, stats)
-        else:
-            stats.sent += 1
-            stats.bytes += len(datagram)
+        i, n = 0, len(datagrams)
+        while i < n:
+            try:
+                sent = sender.send(sock, datagrams, i)
+            except BlockingIOError:
+                self._queue(datagrams, stats, i)
+                self.on_blocked(self)
+                return
+            except OSError as exc:
+                self._failed(exc, stats[i])
+                i += 1
+                if self.sock is None and not self._connect():
+                    # The listener went away and no new one is bound yet.
+                    for st in stats[i:]:
+                        st.fail(self.last_errno)
+                    return
+                sock = self.sock
+                continue
+            for k in range(i, i + sent):
+                st = stats[k]
+                st.sent += 1
+                st.bytes += len(datagrams[k])
+            i += sent
+
+    def _queue(self, datagrams: list[bytes], stats: list[SubscriptionStats], start: int) -> None:
+        backlog = self.backlog
+        room = self.backlog_limit - len(backlog)
+        for k in range(start, len(datagrams)):
+            if room > 0:
+                backlog.append((datagrams[k], stats[k]))
+                room -= 1
+            else:
+                stats[k].dropped += 1
 
     def _failed(self, exc: OSError, stats: SubscriptionStats) -> None:
         code = exc.errno or errno.EIO
@@ -279,6 +305,7 @@ class Sender:
         self.blocked: dict[int, Endpoint] = {}  # socket fd -> destination waiting for POLLOUT
         self.poller = select.poll()
         self.poller.register(doorbell.read_fd, select.POLLIN)
+        self.batch_send = BatchSend()
 
     # -- subscription table ---------------------------------------------
 
@@ -406,10 +433,18 @@ class Sender:
                 words[word] += n
             reader.commit()
             tally.clear()
+            batches: dict[Endpoint, tuple[list[bytes], list[SubscriptionStats]]] = {}
             for cw, datagram, targets in outgoing:
                 for ep, stats in targets:
-                    ep.send(datagram, stats)
+                    batch = batches.get(ep)
+                    if batch is None:
+                        batches[ep] = ([datagram], [stats])
+                    else:
+                        batch[0].append(datagram)
+                        batch[1].append(stats)
                 tally[cw + C_DISPATCHED] = tally.get(cw + C_DISPATCHED, 0) + 1
+            for ep, (datagrams, stats) in batches.items():
+                ep.send(datagrams, stats, self.batch_send)
             for word, n in tally.items():
                 words[word] += n
             # Only the subscriptions this batch used: with many subscribers,
