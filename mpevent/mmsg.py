@@ -1,23 +1,24 @@
-"""Batched datagram sends: many datagrams on one connected socket per syscall.
+"""Batched datagram sends: ``sendmmsg(2)`` of one lane batch to each destination.
 
-Python's :mod:`socket` has no ``sendmmsg(2)``; this module reaches it in the
-C library through :mod:`ctypes`. A sender hands a destination all the
-datagrams a lane batch has for it, and one ``sendmmsg`` call sends them:
-the syscall's entry and exit, the descriptor lookup and, with a receiver
-that keeps up, most wake-ups of the receiving process are paid once per
-batch instead of once per datagram.
+Python's :mod:`socket` has no ``sendmmsg``; this module reaches it in the C
+library through :mod:`ctypes`. One call sends a whole batch to one
+connected socket: the syscall's entry and exit, the descriptor lookup and,
+with a receiver that keeps up, most of its wake-ups are paid once per batch
+instead of once per datagram.
 
-How the call is fed, cheaply from Python: the datagrams are joined and
-copied into one buffer this object owns (a ``memcpy``), and the ``iovec``
-array that points into it is written with a single ``struct.pack_into``.
-The ``mmsghdr`` array is built once: message ``i`` always uses ``iovec[i]``
-and no address (the socket is connected).
+The datagrams are never built as Python objects on this path. An
+:class:`Outbox` holds a copy of the lane stretch the batch came from (one
+``memcpy``); each datagram is three pieces (``iovec``), the event's
+notification prefix, the params in that copy and the closing ``}``, which
+the kernel gathers. The sender describes messages as six integers each
+(three address and length pairs), :meth:`Outbox.pack` writes them into the
+``iovec`` array with one ``struct.pack_into``, and the ``mmsghdr`` array is
+built once (message ``i`` always uses ``iovec[3i:3i+3]``, no address: the
+sockets are connected). A batch packed once is sent to any number of
+destinations.
 
-:class:`BatchSend` behaves like ``socket.send`` for a batch: it returns how
-many leading datagrams the kernel took (at least one), or raises the
-``OSError`` of the first datagram it could not send, exactly as
-``sock.send`` of that datagram would have. Where the C library has no
-``sendmmsg`` (not Linux), it sends them one by one with ``sock.send``.
+Where the C library has no ``sendmmsg`` (not Linux), :data:`AVAILABLE` is
+false and callers send datagrams one at a time.
 """
 
 from __future__ import annotations
@@ -27,13 +28,13 @@ import errno
 import os
 import socket
 import struct
-from collections.abc import Sequence
-from itertools import accumulate
 
-#: Datagrams per call; the kernel's limit is UIO_MAXIOV (1024).
+#: Messages per call; the kernel's limit is UIO_MAXIOV (1024).
 MAX_MESSAGES = 256
-#: Bytes per call: the buffer the datagrams are copied into.
-BUFFER_BYTES = 1 << 20
+#: Bytes of lane stretch an outbox holds: a batch's records, copied.
+STRETCH_BYTES = 1 << 20
+PIECES = 3  # iovecs per message: prefix, params, "}"
+INTS_PER_MESSAGE = 2 * PIECES
 
 
 class _IoVec(ctypes.Structure):
@@ -68,66 +69,64 @@ def _libc_sendmmsg():
 
 _sendmmsg = _libc_sendmmsg()
 # An iovec is (pointer, size_t); both are size_t wide wherever Linux runs,
-# so an array of them packs as 2 * count native ``N``.
+# so an array of them packs as native ``N``s.
 assert struct.calcsize("2N") == ctypes.sizeof(_IoVec)
+_HDR_BYTES = ctypes.sizeof(_MMsgHdr)
 
 #: Whether datagrams really go out in batches here (else one send per datagram).
 AVAILABLE = _sendmmsg is not None
 
 
-class BatchSend:
-    """``sendmmsg`` for one process: ``send(sock, datagrams, start)``.
+def address_of(data: bytes) -> int:
+    """Where the bytes of ``data`` are; valid while the caller keeps it alive."""
+    return ctypes.cast(data, ctypes.c_void_p).value or 0
 
-    Not shareable between threads: the buffer and the arrays are reused by
-    every call.
+
+class Outbox:
+    """One process's sendmmsg state: a stretch buffer and the message arrays.
+
+    Not shareable between threads: every batch reuses them.
     """
 
-    __slots__ = ("_base", "_buffer", "_iov_raw", "_iovs", "_msgs", "_msgs_at", "_view")
+    __slots__ = ("_base", "_buffer", "_iov_raw", "_iovs", "_msgs", "_msgs_at", "view")
 
     def __init__(self) -> None:
-        self._buffer = ctypes.create_string_buffer(BUFFER_BYTES)
-        self._view = memoryview(self._buffer).cast("B")
+        self._buffer = ctypes.create_string_buffer(STRETCH_BYTES)
+        #: The copied stretch: bodies are at the offsets the lane reader gave.
+        self.view = memoryview(self._buffer).cast("B")
         self._base = ctypes.addressof(self._buffer)
-        self._iovs = (_IoVec * MAX_MESSAGES)()
+        self._iovs = (_IoVec * (PIECES * MAX_MESSAGES))()
         self._iov_raw = memoryview(self._iovs).cast("B")
         self._msgs = (_MMsgHdr * MAX_MESSAGES)()
         iov0 = ctypes.addressof(self._iovs)
         for i in range(MAX_MESSAGES):
-            self._msgs[i].hdr.iov = iov0 + i * ctypes.sizeof(_IoVec)
-            self._msgs[i].hdr.iovlen = 1
+            self._msgs[i].hdr.iov = iov0 + i * PIECES * ctypes.sizeof(_IoVec)
+            self._msgs[i].hdr.iovlen = PIECES
         self._msgs_at = ctypes.addressof(self._msgs)
 
-    def send(self, sock: socket.socket, datagrams: Sequence[bytes], start: int = 0) -> int:
-        """Send ``datagrams[start:]`` (as many as one call takes); returns how many went.
+    def load(self, stretch: memoryview) -> int:
+        """Copy a lane stretch in; returns the address its first byte now has."""
+        self.view[: len(stretch)] = stretch
+        return self._base
 
-        Raises the ``OSError`` of ``datagrams[start]`` when not even that
-        one could be sent (``BlockingIOError`` when the socket is full).
+    def pack(self, pieces: list[int]) -> None:
+        """Describe the messages to send: six integers each, see the module doc."""
+        struct.pack_into(f"{len(pieces)}N", self._iov_raw, 0, *pieces)
+
+    def send(self, sock: socket.socket, first: int, count: int) -> int:
+        """Send packed messages ``first .. first+count-1`` as far as one call goes.
+
+        Returns how many went (at least one). Raises the ``OSError`` that
+        ``sock.send`` of message ``first`` would have raised when not even
+        that one went (``BlockingIOError`` when the socket is full).
         """
-        if _sendmmsg is None:
-            sock.send(datagrams[start])
-            return 1
-        # As many as fit in one call, and always at least one (a datagram
-        # is at most 64 KiB, the buffer far larger).
-        end = min(len(datagrams), start + MAX_MESSAGES)
-        lens = [len(d) for d in datagrams[start:end]]
-        total = 0
-        for i, n in enumerate(lens):
-            if total + n > BUFFER_BYTES:
-                end = start + i
-                del lens[i:]
-                break
-            total += n
-        count = end - start
-        self._view[:total] = b"".join(datagrams[start:end])
-        offsets = accumulate(lens, initial=self._base)
-        # offsets has one more item than lens (the end): zip stops before it.
-        flat = [x for pair in zip(offsets, lens, strict=False) for x in pair]
-        struct.pack_into(f"{2 * count}N", self._iov_raw, 0, *flat)
-        sent = _sendmmsg(sock.fileno(), self._msgs_at, count, 0)
-        if sent < 0:
+        count = min(count, MAX_MESSAGES - first)
+        at = self._msgs_at + first * _HDR_BYTES
+        while True:
+            sent = _sendmmsg(sock.fileno(), at, count, 0)
+            if sent >= 0:
+                return sent
             code = ctypes.get_errno()
-            if code == errno.EINTR:
-                return self.send(sock, datagrams, start)
-            # OSError(code, ...) is the subclass sock.send raises: BlockingIOError, ...
-            raise OSError(code, os.strerror(code))
-        return sent
+            if code != errno.EINTR:
+                # OSError(code, ...) is the subclass sock.send raises: BlockingIOError, ...
+                raise OSError(code, os.strerror(code))

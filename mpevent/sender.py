@@ -28,8 +28,10 @@ import os
 import select
 import socket
 import time
-from collections import deque
+from collections import Counter, deque
+from collections.abc import Sequence
 
+from . import mmsg
 from .layout import (
     C_DISPATCHED,
     C_LOST,
@@ -52,7 +54,7 @@ from .layout import (
     S_SLEEPING,
     STATE_RUNNING,
 )
-from .mmsg import BatchSend
+from .mmsg import STRETCH_BYTES, Outbox, address_of
 from .payload import MAX_DATAGRAM, Notification
 from .registry import Route
 from .ring import LaneReader
@@ -68,6 +70,12 @@ RECONNECT_INTERVAL_NS = 50_000_000
 ACTIVE_REFRESH_NS = 10_000_000  # how often to look for newly claimed lanes
 NAP = 50e-6  # an idle sender looks at its lanes this often...
 NAPS = 20  # ...this many times, before it sleeps until the doorbell rings
+FULL_PASS = 64  # a pass that took fewer records naps before the next one
+
+
+_CLOSE = b"}"  # the last piece of every datagram with params
+CLOSE_AT = address_of(_CLOSE)
+assert BATCH <= mmsg.MAX_MESSAGES  # a batch's messages fit one outbox
 
 
 class SubscriptionStats:
@@ -121,6 +129,9 @@ class SubscriptionStats:
         words[w + D_ENOENT] = self.enoent
 
 
+Recipients = SubscriptionStats | list[SubscriptionStats]  # one for all messages, or one each
+
+
 class Endpoint:
     """One destination's connected socket and backlog, shared by its subscriptions."""
 
@@ -159,55 +170,77 @@ class Endpoint:
         self.sock = sock
         return True
 
-    def send(
-        self, datagrams: list[bytes], stats: list[SubscriptionStats], sender: BatchSend
-    ) -> None:
-        """Send a batch in order (``stats[i]`` is the subscription of ``datagrams[i]``)."""
-        for st in stats:
-            st.routed += 1
+    def send(self, batch: LaneBatch, messages: Sequence[int], stats: Recipients) -> None:
+        """Send messages of ``batch`` in order, as packed in its outbox.
+
+        ``messages`` are indices into the batch, packed in this order: the
+        outbox's message ``k`` is ``messages[k]``. ``stats``: the one
+        subscription they all belong to, or a list with one per message.
+        """
+        count = len(messages)
+        each = stats if stats.__class__ is list else None
+        if each is None:
+            stats.routed += count
+        else:
+            for st in each:
+                st.routed += 1
         if self.backlog:
-            self._queue(datagrams, stats, 0)
+            self._queue(batch, messages, stats, 0)
+            return
+        if self.sock is None and (time.monotonic_ns() < self.retry_at or not self._connect()):
+            self._fail_from(stats, 0, count)
             return
         sock = self.sock
-        if sock is None:
-            if time.monotonic_ns() < self.retry_at or not self._connect():
-                for st in stats:
-                    st.fail(self.last_errno)
-                return
-            sock = self.sock
-        i, n = 0, len(datagrams)
-        while i < n:
+        outbox = batch.outbox if mmsg.AVAILABLE else None
+        sizes = batch.sizes
+        k = 0
+        while k < count:
             try:
-                sent = sender.send(sock, datagrams, i)
+                if outbox is not None:
+                    sent = outbox.send(sock, k, count - k)
+                else:
+                    sock.send(batch.datagram(messages[k]))
+                    sent = 1
             except BlockingIOError:
-                self._queue(datagrams, stats, i)
+                self._queue(batch, messages, stats, k)
                 self.on_blocked(self)
                 return
             except OSError as exc:
-                self._failed(exc, stats[i])
-                i += 1
+                self._failed(exc, stats if each is None else each[k])
+                k += 1
                 if self.sock is None and not self._connect():
-                    # The listener went away and no new one is bound yet.
-                    for st in stats[i:]:
-                        st.fail(self.last_errno)
+                    self._fail_from(stats, k, count)  # the listener is gone for now
                     return
                 sock = self.sock
                 continue
-            for k in range(i, i + sent):
-                st = stats[k]
-                st.sent += 1
-                st.bytes += len(datagrams[k])
-            i += sent
+            if each is None:
+                stats.sent += sent
+                stats.bytes += sum(map(sizes.__getitem__, messages[k : k + sent]))
+            else:
+                for j in range(k, k + sent):
+                    st = each[j]
+                    st.sent += 1
+                    st.bytes += sizes[messages[j]]
+            k += sent
 
-    def _queue(self, datagrams: list[bytes], stats: list[SubscriptionStats], start: int) -> None:
+    def _fail_from(self, stats: Recipients, start: int, count: int) -> None:
+        for k in range(start, count):
+            (stats[k] if stats.__class__ is list else stats).fail(self.last_errno)
+
+    def _queue(
+        self, batch: LaneBatch, messages: Sequence[int], stats: Recipients, start: int
+    ) -> None:
+        """Keep messages ``start..`` as datagrams until the socket is writable
+        (order kept); what finds the backlog full is dropped, and counted."""
         backlog = self.backlog
         room = self.backlog_limit - len(backlog)
-        for k in range(start, len(datagrams)):
+        for k in range(start, len(messages)):
+            st = stats[k] if stats.__class__ is list else stats
             if room > 0:
-                backlog.append((datagrams[k], stats[k]))
+                backlog.append((batch.datagram(messages[k]), st))
                 room -= 1
             else:
-                stats[k].dropped += 1
+                st.dropped += 1
 
     def _failed(self, exc: OSError, stats: SubscriptionStats) -> None:
         code = exc.errno or errno.EIO
@@ -260,6 +293,28 @@ class Endpoint:
             self.sock = None
 
 
+class LaneBatch:
+    """The datagrams of one lane batch: pieces for the outbox, bytes only on demand.
+
+    A datagram becomes a ``bytes`` object only when it must wait in a
+    backlog or when there is no ``sendmmsg``: its params are in the outbox's
+    copy of the lane, which the next batch overwrites.
+    """
+
+    __slots__ = ("bodies", "notes", "outbox", "pieces", "sizes")
+
+    def __init__(self, outbox: Outbox, notes: list[Notification]):
+        self.outbox = outbox
+        self.notes = notes
+        self.pieces: list[int] = []  # six per message: see mpevent.mmsg
+        self.sizes: list[int] = []  # datagram bytes, per message
+        self.bodies: list[tuple[int, int, int]] = []  # (event id, offset, length) per message
+
+    def datagram(self, message: int) -> bytes:
+        event_id, at, n = self.bodies[message]
+        return self.notes[event_id].build(self.outbox.view[at : at + n])
+
+
 class Sender:
     """The loop of one sender process (also usable in-process by tests)."""
 
@@ -297,6 +352,9 @@ class Sender:
         self._parent_checked_at = 0
         self.table_gen = -1
         self.notes: list[Notification] = []
+        self.heads: list[
+            tuple[int, int, int, int]
+        ] = []  # per event: prefix, bare (address, length)
         self.routes: list[list[tuple[Endpoint, SubscriptionStats]]] = []
         self.all_routes: list[Route] = []
         self.endpoints: dict[object, Endpoint] = {}
@@ -305,7 +363,7 @@ class Sender:
         self.blocked: dict[int, Endpoint] = {}  # socket fd -> destination waiting for POLLOUT
         self.poller = select.poll()
         self.poller.register(doorbell.read_fd, select.POLLIN)
-        self.batch_send = BatchSend()
+        self.outbox = Outbox()
 
     # -- subscription table ---------------------------------------------
 
@@ -319,7 +377,13 @@ class Sender:
         self.table_gen, snap = got
         self.all_routes = snap.routes
         names = event_names(self.seg, len(self.notes))
-        self.notes.extend(Notification(n) for n in names)
+        for name in names:
+            note = Notification(name)
+            self.notes.append(note)
+            # Where the pieces of its datagrams are (kept alive by the note).
+            self.heads.append(
+                (address_of(note.prefix), len(note.prefix), address_of(note.bare), len(note.bare))
+            )
         self._build_routes(time.monotonic_ns())
 
     def _build_routes(self, now_ns: int) -> None:
@@ -390,9 +454,9 @@ class Sender:
     def drain_once(self) -> int:
         """One pass over the lanes; returns the number of records taken.
 
-        At most once, per lane batch: the datagrams are built (copied out of
-        the lane), what was taken is counted, ``head`` is committed, and only
-        then are they sent. A sender killed before the commit leaves the
+        At most once, per lane batch: the batch's stretch of the lane is
+        copied out, what was taken is counted, ``head`` is committed, and
+        only then is it sent. A sender killed before the commit leaves the
         records for its successor; killed after it, it takes at most one
         batch with it, which its successor counts as lost
         (:meth:`count_lost`), so the counters still add up:
@@ -400,59 +464,95 @@ class Sender:
         """
         words = self.words
         layout = self.seg.layout
+        outbox = self.outbox
         taken = 0
         for lane, reader in self.active:
             if not reader.pending():
                 continue
-            routes = self.routes
-            notes = self.notes
+            records, stretch = reader.read_span(BATCH, STRETCH_BYTES)
+            if not records:
+                reader.commit()  # only padding
+                continue
+            base = outbox.load(stretch)
+            taken += len(records)
             counters = layout.cons_counter_word(lane, 0)
-            outgoing = []
-            tally: dict[int, int] = {}  # counter word -> how much to add
-            touched: dict[int, list[tuple[Endpoint, SubscriptionStats]]] = {}
-            for event_id, body, _raised_ns in reader.read(BATCH):
-                taken += 1
-                cw = counters + event_id * 8
-                tally[cw + C_TAKEN] = tally.get(cw + C_TAKEN, 0) + 1
+            batch = LaneBatch(outbox, self.notes)
+            pieces, sizes, bodies = batch.pieces, batch.sizes, batch.bodies
+            routes, heads = self.routes, self.heads
+            ids: list[int] = []  # event id per message
+            targets_of: list[list[tuple[Endpoint, SubscriptionStats]]] = []
+            skipped: dict[int, int] = {}  # counter word -> unrouted or oversize events
+            for event_id, at, n in records:
                 if event_id >= len(routes) or not routes[event_id]:
                     # A producer may have seen the subscriber count before
                     # we saw the table that goes with it: look again.
                     self.reload()
-                    routes, notes = self.routes, self.notes
+                    routes, heads = self.routes, self.heads
                     if event_id >= len(routes) or not routes[event_id]:
-                        tally[cw + C_UNROUTED] = tally.get(cw + C_UNROUTED, 0) + 1
+                        cw = counters + event_id * 8 + C_UNROUTED
+                        skipped[cw] = skipped.get(cw, 0) + 1
                         continue
-                datagram = notes[event_id].build(body)
-                if len(datagram) > MAX_DATAGRAM:
-                    tally[cw + C_OVERSIZE] = tally.get(cw + C_OVERSIZE, 0) + 1
-                    continue
-                targets = routes[event_id]
-                touched[event_id] = targets
-                outgoing.append((cw, datagram, targets))
-            for word, n in tally.items():
+                head_at, head_len, bare_at, bare_len = heads[event_id]
+                if n:
+                    if head_len + n + 1 > MAX_DATAGRAM:
+                        cw = counters + event_id * 8 + C_OVERSIZE
+                        skipped[cw] = skipped.get(cw, 0) + 1
+                        continue
+                    pieces += (head_at, head_len, base + at, n, CLOSE_AT, 1)
+                    sizes.append(head_len + n + 1)
+                else:
+                    pieces += (bare_at, bare_len, 0, 0, 0, 0)
+                    sizes.append(bare_len)
+                bodies.append((event_id, at, n))
+                ids.append(event_id)
+                targets_of.append(routes[event_id])
+            for event_id, n in Counter([e for e, _, _ in records]).items():
+                words[counters + event_id * 8 + C_TAKEN] += n
+            for word, n in skipped.items():
                 words[word] += n
             reader.commit()
-            tally.clear()
-            batches: dict[Endpoint, tuple[list[bytes], list[SubscriptionStats]]] = {}
-            for cw, datagram, targets in outgoing:
-                for ep, stats in targets:
-                    batch = batches.get(ep)
-                    if batch is None:
-                        batches[ep] = ([datagram], [stats])
-                    else:
-                        batch[0].append(datagram)
-                        batch[1].append(stats)
-                tally[cw + C_DISPATCHED] = tally.get(cw + C_DISPATCHED, 0) + 1
-            for ep, (datagrams, stats) in batches.items():
-                ep.send(datagrams, stats, self.batch_send)
-            for word, n in tally.items():
-                words[word] += n
-            # Only the subscriptions this batch used: with many subscribers,
-            # storing all of them after every small batch would dominate.
-            for targets in touched.values():
-                for _, stats in targets:
-                    stats.store(words)
+            if ids:
+                self._send_batch(batch, targets_of)
+                for event_id, n in Counter(ids).items():
+                    words[counters + event_id * 8 + C_DISPATCHED] += n
         return taken
+
+    def _send_batch(
+        self, batch: LaneBatch, targets_of: list[list[tuple[Endpoint, SubscriptionStats]]]
+    ) -> None:
+        """Every message to its destinations: one packing for all of them when
+        the messages share their targets (the usual case), else one run per
+        destination, packed in turn."""
+        outbox = self.outbox
+        words = self.words
+        first = targets_of[0]
+        count = len(targets_of)
+        if targets_of.count(first) == count:  # compares by identity first: cheap
+            outbox.pack(batch.pieces)
+            everything = range(count)
+            for ep, stats in first:
+                ep.send(batch, everything, stats)
+                stats.store(words)
+            return
+        runs: dict[Endpoint, tuple[list[int], list[SubscriptionStats]]] = {}
+        for i, targets in enumerate(targets_of):
+            for ep, stats in targets:
+                run = runs.get(ep)
+                if run is None:
+                    runs[ep] = ([i], [stats])
+                else:
+                    run[0].append(i)
+                    run[1].append(stats)
+        pieces = batch.pieces
+        touched: set[SubscriptionStats] = set()
+        for ep, (messages, stats) in runs.items():
+            outbox.pack([x for i in messages for x in pieces[i * 6 : i * 6 + 6]])
+            ep.send(batch, messages, stats)
+            touched.update(stats)
+        # Only the subscriptions this batch used: with many subscribers,
+        # storing all of them after every small batch would dominate.
+        for stats in touched:
+            stats.store(words)
 
     def count_lost(self) -> int:
         """At start: count what a killed predecessor took and never sent
@@ -516,6 +616,11 @@ class Sender:
                 break  # drain time is up: what is left is counted as not sent
             if taken:
                 idle_since = 0
+                if taken < FULL_PASS and not stopping:
+                    # Let records pile up: bigger batches per sendmmsg, and
+                    # the sender stops reading the tail right behind the
+                    # producer writing it (a cache miss per event for it).
+                    time.sleep(NAP)
                 continue
             if stopping:
                 self._refresh_active(now)  # a lane claimed a moment ago counts too

@@ -42,6 +42,7 @@ from mpevent import (
     PayloadError,
     UnknownEvent,
     encode_notification,
+    mmsg,
 )
 from mpevent.layout import L_HEAD, L_TAIL, S_LOOPS
 
@@ -750,6 +751,65 @@ def test_bursty_unix_reader_gets_every_event_of_a_big_burst(
         # Every datagram has reached the reader (checked above), so the
         # counters must say so too once the bus is quiet.
         assert row["sent"] == BURST_N and row["pending"] == 0, row
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("batched", [True, False], ids=["sendmmsg", "one-send-per-datagram"])
+def test_mixed_events_to_mixed_destinations_arrive_in_order(
+    batched: bool, monkeypatch, udp_sink, unix_sink
+) -> None:
+    """Batches whose messages go to different destinations (one packing per
+    destination), events without params, a UNIX receiver whose tiny queue
+    sends part of each batch through the backlog; with sendmmsg and with the
+    one-by-one fallback of C libraries without it (the hub forks from here,
+    so its senders inherit the switch)."""
+    monkeypatch.setattr(mmsg, "AVAILABLE", batched and mmsg.AVAILABLE)
+    n = 3000
+    unix_got: list[bytes] = []
+    done = threading.Event()
+
+    def read_unix() -> None:
+        unix_sink.sock.settimeout(0.2)
+        while not done.is_set():
+            with contextlib.suppress(TimeoutError):
+                unix_got.append(unix_sink.sock.recv(70000))
+
+    reader = threading.Thread(target=read_unix)
+    reader.start()
+    try:
+        with EventBus(lanes=2, backlog=100_000) as bus:
+            for name in ("E_A", "E_B", "E_C"):
+                bus.publish_event(name)
+            bus.subscribe("E_A", udp_sink.address)
+            bus.subscribe("E_A", unix_sink.address)
+            bus.subscribe("E_B", udp_sink.address)
+            bus.subscribe("E_C", unix_sink.address)
+            bus.subscribe("E_C", udp_sink.address)
+            expected: dict[str, list[bytes]] = {"E_A": [], "E_B": []}
+            for i in range(n):
+                name = ("E_A", "E_B", "E_C")[i % 3]
+                params = None if name == "E_C" else {"seq": i}
+                raise_retrying(bus.raise_event, name, params)
+                if params:
+                    expected[name].append(encode_notification(name, params))
+            # E_C's datagrams are all alike (no params): count them.
+            bare = encode_notification("E_C")
+            udp_got = udp_sink.receive(n, timeout=20) + udp_sink.quiet(0.3)
+            assert udp_got.count(bare) == n // 3
+            check_stream([d for d in udp_got if d != bare], expected, "UDP", udp_sink)
+            wait_for(lambda: len(unix_got) >= 2 * n // 3, timeout=30)
+            time.sleep(0.3)
+            assert unix_got.count(bare) == n // 3
+            unix_rest = [d for d in unix_got if d != bare]
+            check_stream(unix_rest, {"E_A": expected["E_A"]}, "UNIX")
+            assert wait_for(lambda: drained(bus))
+            stats = bus.stats()
+            check_accounting(stats)
+            unix_row = destination(bus, "E_A", unix_sink.address)
+            assert unix_row["sent"] == n // 3 and unix_row["dropped"] == 0, unix_row
+    finally:
+        done.set()
+        reader.join()
 
 
 # --- 5. ring full --------------------------------------------------------------

@@ -1,4 +1,9 @@
-"""BatchSend: sendmmsg through ctypes behaves like ``sock.send`` per datagram, over real sockets."""
+"""Outbox: sendmmsg through ctypes, datagrams gathered from pieces, over real sockets.
+
+Each test sends what a sender would: params copied into the outbox from a
+"lane stretch", a notification prefix and the closing brace around them,
+and checks what a receiver gets against the datagrams built the plain way.
+"""
 
 from __future__ import annotations
 
@@ -13,9 +18,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mpevent import mmsg
-from mpevent.mmsg import BUFFER_BYTES, MAX_MESSAGES, BatchSend
+from mpevent.mmsg import MAX_MESSAGES, Outbox, address_of
+from mpevent.payload import Notification
 
 pytestmark = pytest.mark.skipif(not mmsg.AVAILABLE, reason="no sendmmsg in this C library")
+NOTE = Notification("E_TEST")
+CLOSE = b"}"
 
 
 @pytest.fixture
@@ -32,52 +40,82 @@ def udp_pair() -> Iterator[tuple[socket.socket, socket.socket]]:
     rx.close()
 
 
-def send_all(sender: BatchSend, sock: socket.socket, datagrams: list[bytes]) -> list[int]:
-    """What callers do: call again from where the last call stopped; the counts per call."""
+def load(outbox: Outbox, bodies: list[bytes]) -> list[bytes]:
+    """Put ``bodies`` in the outbox as a lane stretch would be, pack one message
+    each (no params for an empty body); returns the datagrams expected."""
+    stretch = b"".join(bodies)
+    base = outbox.load(memoryview(stretch))
+    pieces: list[int] = []
+    at = 0
+    for body in bodies:
+        if body:
+            pieces += (address_of(NOTE.prefix), len(NOTE.prefix), base + at, len(body))
+            pieces += (address_of(CLOSE), 1)
+        else:
+            pieces += (address_of(NOTE.bare), len(NOTE.bare), 0, 0, 0, 0)
+        at += len(body)
+    outbox.pack(pieces)
+    return [NOTE.build(body) for body in bodies]
+
+
+def send_all(outbox: Outbox, sock: socket.socket, count: int, first: int = 0) -> list[int]:
+    """What the sender does: call again from where the last call stopped."""
     counts = []
-    i = 0
-    while i < len(datagrams):
-        n = sender.send(sock, datagrams, i)
-        assert 1 <= n <= len(datagrams) - i
+    while first < count:
+        n = outbox.send(sock, first, count - first)
+        assert 1 <= n <= count - first
         counts.append(n)
-        i += n
+        first += n
     return counts
 
 
-def test_many_datagrams_arrive_whole_and_in_order(udp_pair) -> None:
+def test_a_batch_arrives_whole_and_in_order_in_one_call(udp_pair) -> None:
     tx, rx = udp_pair
-    datagrams = [
-        b"%d:" % i + bytes([i % 251]) * (i * 7 % 1500) for i in range(3 * MAX_MESSAGES + 5)
-    ]
-    counts = send_all(BatchSend(), tx, datagrams)
-    # Batches really are batches: at most MAX_MESSAGES per call, and far
-    # fewer calls than datagrams.
-    assert max(counts) <= MAX_MESSAGES
-    assert len(counts) == 4
-    assert [rx.recv(65536) for _ in datagrams] == datagrams
+    outbox = Outbox()
+    bodies = [b'{"seq":%d,"pad":"%s"}' % (i, b"x" * (i * 7 % 1400)) for i in range(MAX_MESSAGES)]
+    expected = load(outbox, bodies)
+    assert send_all(outbox, tx, len(bodies)) == [MAX_MESSAGES]  # one syscall
+    assert [rx.recv(65536) for _ in expected] == expected
 
 
-def test_a_call_stops_at_the_buffer_size_and_the_next_one_goes_on(udp_pair) -> None:
+def test_one_packing_serves_every_destination(udp_pair) -> None:
     tx, rx = udp_pair
-    big = 60_000
-    datagrams = [bytes([i]) * big for i in range(2 * BUFFER_BYTES // big)]
-    counts = send_all(BatchSend(), tx, datagrams)
-    assert counts[0] == BUFFER_BYTES // big  # as many as fit, no more
-    assert sum(counts) == len(datagrams)
-    assert [rx.recv(65536) for _ in datagrams] == datagrams
+    rx2 = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    tx2 = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with rx2, tx2:
+        rx2.bind(("127.0.0.1", 0))
+        rx2.settimeout(5)
+        tx2.connect(rx2.getsockname())
+        outbox = Outbox()
+        expected = load(outbox, [b'{"a":1}', b"", b'{"b":[1,2]}'])
+        send_all(outbox, tx, 3)
+        send_all(outbox, tx2, 3)
+        assert [rx.recv(100) for _ in expected] == expected
+        assert [rx2.recv(100) for _ in expected] == expected
 
 
-def test_empty_and_largest_datagrams(udp_pair) -> None:
+def test_sending_from_the_middle_of_a_batch(udp_pair) -> None:
     tx, rx = udp_pair
-    datagrams = [b"", b"x" * 65457, b"", b"y"]
-    send_all(BatchSend(), tx, datagrams)
-    assert [rx.recv(65536) for _ in datagrams] == datagrams
+    outbox = Outbox()
+    expected = load(outbox, [b'{"n":%d}' % i for i in range(10)])
+    send_all(outbox, tx, 10, first=7)
+    assert [rx.recv(100) for _ in range(3)] == expected[7:]
+
+
+def test_no_params_and_the_largest_datagram(udp_pair) -> None:
+    tx, rx = udp_pair
+    outbox = Outbox()
+    biggest = b'"' + b"y" * (65457 - len(NOTE.prefix) - 3) + b'"'
+    expected = load(outbox, [b"", biggest, b""])
+    assert len(expected[1]) == 65457
+    send_all(outbox, tx, 3)
+    assert [rx.recv(65536) for _ in expected] == expected
 
 
 def test_full_unix_receiver_takes_part_then_raises_blocking(tmp_path) -> None:
     """A UNIX receiver's queue holds a few datagrams (net.unix.max_dgram_qlen):
     the call sends those, says how many, and the next call raises
-    BlockingIOError as send would."""
+    BlockingIOError, as send would."""
     path = str(tmp_path / "rx.sock")
     rx = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     rx.bind(path)
@@ -86,22 +124,21 @@ def test_full_unix_receiver_takes_part_then_raises_blocking(tmp_path) -> None:
     os.unlink(path)  # the bound socket stays reachable through tx's connection
     with rx, tx:
         tx.setblocking(False)
-        datagrams = [b"n%d" % i for i in range(200)]
-        sender = BatchSend()
-        taken = sender.send(tx, datagrams, 0)
-        assert 1 <= taken < len(datagrams)
+        outbox = Outbox()
+        expected = load(outbox, [b'{"n":%d}' % i for i in range(200)])
+        taken = outbox.send(tx, 0, 200)
+        assert 1 <= taken < 200
         with pytest.raises(BlockingIOError):
-            sender.send(tx, datagrams, taken)
+            outbox.send(tx, taken, 200 - taken)
         rx.setblocking(False)
         got = []
         with pytest.raises(BlockingIOError):
             while True:
                 got.append(rx.recv(100))
-        assert got == datagrams[:taken]
-        # Room again: the rest goes, still in order.
-        rest = datagrams[taken : taken + 3]
-        assert sender.send(tx, rest, 0) == 3
-        assert [rx.recv(100) for _ in rest] == rest
+        assert got == expected[:taken]
+        # Room again: the rest goes on, in order.
+        assert outbox.send(tx, taken, 3) == 3
+        assert [rx.recv(100) for _ in range(3)] == expected[taken : taken + 3]
 
 
 def test_closed_udp_port_raises_connection_refused_like_send() -> None:
@@ -111,32 +148,24 @@ def test_closed_udp_port_raises_connection_refused_like_send() -> None:
     with tx:
         tx.connect(rx.getsockname())
         rx.close()
-        sender = BatchSend()
+        outbox = Outbox()
+        load(outbox, [b'{"a":1}', b'{"b":2}'])
         # The first datagram goes; the ICMP it provokes is the next call's error.
-        assert sender.send(tx, [b"a"], 0) == 1
+        assert outbox.send(tx, 0, 1) == 1
         with pytest.raises(ConnectionRefusedError) as exc:
             for _ in range(100):
-                sender.send(tx, [b"b", b"c"], 0)
+                outbox.send(tx, 0, 2)
         assert exc.value.errno == errno.ECONNREFUSED
-
-
-def test_without_sendmmsg_one_datagram_per_call(udp_pair, monkeypatch) -> None:
-    tx, rx = udp_pair
-    monkeypatch.setattr(mmsg, "_sendmmsg", None)
-    datagrams = [b"one", b"two", b"three"]
-    assert send_all(BatchSend(), tx, datagrams) == [1, 1, 1]
-    assert [rx.recv(100) for _ in datagrams] == datagrams
 
 
 @settings(
     max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
-@given(st.lists(st.binary(max_size=3000), min_size=1, max_size=600), st.integers(0, 20))
-def test_property_what_goes_in_comes_out(udp_pair, datagrams: list[bytes], start: int) -> None:
+@given(st.lists(st.binary(max_size=3000), min_size=1, max_size=MAX_MESSAGES), st.integers(0, 300))
+def test_property_what_goes_in_comes_out(udp_pair, bodies: list[bytes], first: int) -> None:
     tx, rx = udp_pair
-    start = min(start, len(datagrams) - 1)
-    sender = BatchSend()
-    i = start
-    while i < len(datagrams):
-        i += sender.send(tx, datagrams, i)
-    assert [rx.recv(65536) for _ in datagrams[start:]] == datagrams[start:]
+    first = min(first, len(bodies) - 1)
+    outbox = Outbox()
+    expected = load(outbox, bodies)
+    send_all(outbox, tx, len(bodies), first)
+    assert [rx.recv(65536) for _ in expected[first:]] == expected[first:]

@@ -282,6 +282,27 @@ class LaneModel(RuleBasedStateMachine):
         if commit:
             self.commit()
 
+    @rule(limit=st.integers(0, 12), max_bytes=st.integers(1, 1 << 16), commit=st.booleans())
+    def read_span(self, limit: int, max_bytes: int, commit: bool) -> None:
+        """The sender's reader: the same records, from one contiguous stretch."""
+        before = bytes(self.arr)
+        records, stretch = self.reader.read_span(limit, max_bytes)
+        got = [(e, bytes(stretch[at : at + n])) for e, at, n in records]
+        if limit and self.unread:
+            assert got, "records were waiting but none came"
+        assert len(got) <= limit
+        if len(got) > 1:
+            assert len(stretch) <= max_bytes, "a stretch of several records beyond max_bytes"
+        expected = [self.unread.popleft() for _ in got]
+        assert got == [(e, body) for e, body, _, _ in expected]
+        self.uncommitted.extend(expected)
+        if expected:
+            self.read_at = expected[-1][3]
+        assert self.reader.head == self.read_at
+        assert bytes(self.arr) == before, "reading wrote to the lane"
+        if commit:
+            self.commit()
+
     @rule()
     def commit(self) -> None:
         before = bytes(self.arr)
