@@ -109,7 +109,11 @@ class Producer:
         self._lane: LaneWriter | None = None
         self._lane_index = -1
         self._counters_at = 0
-        self._no_subscriber_at: int | None = None  # set once a lane is ours (GIL builds)
+        # Per event raised since the lane was claimed: (event id, its
+        # subscriber count word, its counter block, its no-subscriber count
+        # word when a plain += may count, else 0). The fast path's only
+        # lookup: every word index it needs, precomputed.
+        self._fast: dict[str, tuple[int, int, int, int]] = {}
         self._sleep_word = 0
         self._doorbell: Doorbell | None = None
         self._retry_claim_ns = 0
@@ -152,25 +156,21 @@ class Producer:
         (a ``ValueError``) when the notification would exceed the limit.
         """
         try:
-            event_id = self._ids[event]
+            event_id, sub_word, counters, idle_word = self._fast[event]
         except (KeyError, TypeError):
-            event_id = self._lookup(event)
+            return self._raise_first(event, params)
         words = self._words
-        subscribers = words[self._sub_count_at + event_id]
+        subscribers = words[sub_word]
         if not subscribers:
-            at = self._no_subscriber_at
-            if at is not None:
+            if idle_word:
                 # Atomic under the GIL: no eval-breaker check (so no thread
                 # switch) between the load and the store of ``+=`` on a
                 # memoryview item; a lock would double this path's cost.
-                words[at + event_id * 8] += 1
+                words[idle_word] += 1
                 return False
-            return self._no_subscriber(event_id)
+            return self._count_no_subscriber(counters)
         if subscribers >= HUB_GONE:
             return self._hub_down()  # the hub stopped: see mpevent.table.clear_counts
-        if self._lane is None:
-            self._claim()
-        counters = self._counters_at + event_id * 8
         body = None
         if params.__class__ is dict and params:  # the common case, inlined
             try:
@@ -205,6 +205,8 @@ class Producer:
         finally:
             lock.release()
         if dropped:
+            if self._lane is None:
+                self._claim()  # every lane was owned: look again (rate-limited)
             if self.on_hub_down is not None:
                 self._check_hub()  # a full lane may mean nobody drains it any more
             return False
@@ -222,12 +224,28 @@ class Producer:
             f"{self._layout.geometry.lane_size} bytes (lane_size)"
         )
 
-    def _no_subscriber(self, event_id: int) -> bool:
-        """The slow way to count a call nobody listens to: no lane yet, or no GIL."""
+    def _raise_first(self, event: Any, params: Any) -> bool:
+        """The first raise of ``event`` on this lane: learn it, then the fast path."""
+        event_id = self._ids.get(event) if event.__class__ is str else None
+        if event_id is None:
+            event_id = self._lookup(event)  # raises for a bad or unknown name
         if self._lane is None:
             self._claim()
+        counters = self._counters_at + event_id * 8
+        # Without a GIL, or counting in the spare block that lane-less
+        # processes share, the count takes the lock (word 0 is never a count).
+        unlocked = _GIL and self._lane is not None
+        self._fast[event] = (
+            event_id,
+            self._sub_count_at + event_id,
+            counters,
+            counters + P_NO_SUBSCRIBER if unlocked else 0,
+        )
+        return self.raise_event(event, params)
+
+    def _count_no_subscriber(self, counters: int) -> bool:
         with self._lock:
-            self._words[self._counters_at + P_NO_SUBSCRIBER + event_id * 8] += 1
+            self._words[counters + P_NO_SUBSCRIBER] += 1
         return False
 
     def _health_check_due(self) -> bool:
@@ -293,11 +311,10 @@ class Producer:
                 g.lane_size,
             )
             self._lane_index = lane
+            self._fast.clear()  # their counters were the spare block's
             if isinstance(self._lock, _SpareLock):
                 self._lock = threading.Lock()
             self._counters_at = layout.prod_counter_word(lane, 0)
-            if _GIL:
-                self._no_subscriber_at = self._counters_at + P_NO_SUBSCRIBER
             sender = layout.lane_sender(lane)
             self._sleep_word = layout.sender_word(sender) + S_SLEEPING
             self._doorbell = self._doorbells[sender]
