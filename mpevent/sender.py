@@ -70,7 +70,6 @@ RECONNECT_INTERVAL_NS = 50_000_000
 ACTIVE_REFRESH_NS = 10_000_000  # how often to look for newly claimed lanes
 NAP = 50e-6  # an idle sender looks at its lanes this often...
 NAPS = 20  # ...this many times, before it sleeps until the doorbell rings
-FULL_PASS = 64  # a pass that took fewer records naps before the next one
 
 
 _CLOSE = b"}"  # the last piece of every datagram with params
@@ -480,8 +479,8 @@ class Sender:
             pieces, sizes, bodies = batch.pieces, batch.sizes, batch.bodies
             routes, heads = self.routes, self.heads
             ids: list[int] = []  # event id per message
-            targets_of: list[list[tuple[Endpoint, SubscriptionStats]]] = []
             skipped: dict[int, int] = {}  # counter word -> unrouted or oversize events
+            skipped_ids: list[int] = []
             for event_id, at, n in records:
                 if event_id >= len(routes) or not routes[event_id]:
                     # A producer may have seen the subscriber count before
@@ -491,12 +490,14 @@ class Sender:
                     if event_id >= len(routes) or not routes[event_id]:
                         cw = counters + event_id * 8 + C_UNROUTED
                         skipped[cw] = skipped.get(cw, 0) + 1
+                        skipped_ids.append(event_id)
                         continue
                 head_at, head_len, bare_at, bare_len = heads[event_id]
                 if n:
                     if head_len + n + 1 > MAX_DATAGRAM:
                         cw = counters + event_id * 8 + C_OVERSIZE
                         skipped[cw] = skipped.get(cw, 0) + 1
+                        skipped_ids.append(event_id)
                         continue
                     pieces += (head_at, head_len, base + at, n, CLOSE_AT, 1)
                     sizes.append(head_len + n + 1)
@@ -505,38 +506,45 @@ class Sender:
                     sizes.append(bare_len)
                 bodies.append((event_id, at, n))
                 ids.append(event_id)
-                targets_of.append(routes[event_id])
-            for event_id, n in Counter([e for e, _, _ in records]).items():
+            # One event in the whole batch is the usual case: count it at once.
+            single = bool(ids) and ids.count(ids[0]) == len(ids)
+            per_event = {ids[0]: len(ids)} if single else Counter(ids)
+            if skipped_ids:
+                for event_id, n in Counter(skipped_ids).items():
+                    words[counters + event_id * 8 + C_TAKEN] += n
+            for event_id, n in per_event.items():
                 words[counters + event_id * 8 + C_TAKEN] += n
             for word, n in skipped.items():
                 words[word] += n
             reader.commit()
             if ids:
-                self._send_batch(batch, targets_of)
-                for event_id, n in Counter(ids).items():
+                self._send_batch(batch, ids, routes, single)
+                for event_id, n in per_event.items():
                     words[counters + event_id * 8 + C_DISPATCHED] += n
         return taken
 
     def _send_batch(
-        self, batch: LaneBatch, targets_of: list[list[tuple[Endpoint, SubscriptionStats]]]
+        self,
+        batch: LaneBatch,
+        ids: list[int],
+        routes: list[list[tuple[Endpoint, SubscriptionStats]]],
+        single: bool,
     ) -> None:
-        """Every message to its destinations: one packing for all of them when
-        the messages share their targets (the usual case), else one run per
-        destination, packed in turn."""
+        """Every message to its event's destinations: one packing for all of
+        them when the batch holds a single event (the usual case), else one
+        run per destination, packed in turn."""
         outbox = self.outbox
         words = self.words
-        first = targets_of[0]
-        count = len(targets_of)
-        if targets_of.count(first) == count:  # compares by identity first: cheap
+        if single:
             outbox.pack(batch.pieces)
-            everything = range(count)
-            for ep, stats in first:
+            everything = range(len(ids))
+            for ep, stats in routes[ids[0]]:
                 ep.send(batch, everything, stats)
                 stats.store(words)
             return
         runs: dict[Endpoint, tuple[list[int], list[SubscriptionStats]]] = {}
-        for i, targets in enumerate(targets_of):
-            for ep, stats in targets:
+        for i, event_id in enumerate(ids):
+            for ep, stats in routes[event_id]:
                 run = runs.get(ep)
                 if run is None:
                     runs[ep] = ([i], [stats])
@@ -616,11 +624,6 @@ class Sender:
                 break  # drain time is up: what is left is counted as not sent
             if taken:
                 idle_since = 0
-                if taken < FULL_PASS and not stopping:
-                    # Let records pile up: bigger batches per sendmmsg, and
-                    # the sender stops reading the tail right behind the
-                    # producer writing it (a cache miss per event for it).
-                    time.sleep(NAP)
                 continue
             if stopping:
                 self._refresh_active(now)  # a lane claimed a moment ago counts too
