@@ -62,6 +62,7 @@ import os
 import platform
 import queue as queue_module
 import random
+import resource
 import selectors
 import socket
 import sys
@@ -285,6 +286,37 @@ def fmt_loss(delivered: int, raised: int) -> str:
     return f"{delivered}/{raised} ({lost:.2%} lost)"
 
 
+PROFILE_ROLES = ("producer", "sender", "sink")
+
+
+def render_cpu_profile(summary: Sequence[dict[str, Any]], producers: int = 2) -> str:
+    """Where the CPU goes, per delivered event, in the end-to-end runs with
+    ``producers`` producers: on two cores every pipeline is bound by the sum."""
+    rows = []
+    for r in summary:
+        if r["producers"] != producers and not r["pipeline"].startswith("bare"):
+            continue
+        cpu = r.get("cpu_us_per_event") or {}
+        total = sum(v for v in cpu.values() if not _nan(v))
+        rows.append(
+            [
+                PIPELINE_LABELS[r["pipeline"]],
+                "" if r["pipeline"].startswith("bare") else r["senders"],
+                *(fmt_num(cpu.get(role), 2) if role in cpu else "" for role in PROFILE_ROLES),
+                fmt_num(total, 2),
+                fmt_num(2e6 / total) if total else None,
+            ]
+        )
+    return render_table(
+        ["pipeline", "send", *PROFILE_ROLES, "total", "2 cores / total"],
+        rows,
+        title=(
+            f"   CPU per delivered event, us (user + system, each process's own), "
+            f"{producers} producers; the last column is the rate two fully used cores allow"
+        ),
+    )
+
+
 def render_table(
     headers: Sequence[str],
     rows: Sequence[Sequence[Any]],
@@ -443,16 +475,32 @@ class Spawner:
         self.monitor = monitor
         self.pipeline = pipeline
         self.procs: list[Any] = []
+        self._cpu: list[tuple[str, Any]] = []  # (role, the CPU seconds a child reports)
 
     def start(
         self, role: str, target: Callable[..., Any], *args: Any, pipeline: str | None = None
     ) -> Any:
         pipeline = pipeline or self.pipeline
-        proc = _CTX.Process(target=target, args=args, name=f"bench-{pipeline}-{role}", daemon=True)
+        cpu = _CTX.RawValue("d", math.nan)
+        proc = _CTX.Process(
+            target=_report_cpu,
+            args=(cpu, target, *args),
+            name=f"bench-{pipeline}-{role}",
+            daemon=True,
+        )
         proc.start()
         self.procs.append(proc)
+        self._cpu.append((role, cpu))
         self.monitor.watch(proc.pid, pipeline, role)
         return proc
+
+    def cpu_by_role(self) -> dict[str, float]:
+        """CPU seconds (user + system) per role of the children that finished."""
+        out: dict[str, float] = {}
+        for role, cpu in self._cpu:
+            if not math.isnan(cpu.value):
+                out[role] = out.get(role, 0.0) + cpu.value
+        return out
 
     def wait(self, procs: Sequence[Any], timeout: float) -> None:
         """Wait for ``procs`` to exit, sampling memory meanwhile; raise on failure."""
@@ -486,6 +534,31 @@ class Spawner:
                 proc.kill()
                 proc.join()
         self.monitor.forget_dead()
+
+
+def _report_cpu(cpu: Any, target: Callable[..., Any], *args: Any) -> None:
+    """A child's body: ``target``, then the CPU time it used, for the profile."""
+    target(*args)
+    usage = resource.getrusage(resource.RUSAGE_SELF)  # microseconds, not clock ticks
+    cpu.value = usage.ru_utime + usage.ru_stime
+
+
+def _tree_cpu(pids: Iterable[int]) -> float:
+    """CPU seconds used so far by live processes (a hub's senders).
+
+    From ``/proc/PID/schedstat`` (nanoseconds on a CPU) where Linux has it:
+    ``cpu_times`` counts clock ticks, too coarse for a short run.
+    """
+    total = 0.0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/schedstat") as f:
+                total += int(f.read().split()[0]) / 1e9
+        except (OSError, ValueError, IndexError):
+            with contextlib.suppress(psutil.Error):
+                t = psutil.Process(pid).cpu_times()
+                total += t.user + t.system
+    return total
 
 
 def _udp_socket(rcvbuf: int = SINK_RCVBUF) -> socket.socket:
@@ -1052,6 +1125,12 @@ def run_pipeline(
             result["send_rate"] = total / (send_ns / 1e9)
         if bus is not None:
             result["bus_totals"] = bus.stats()["totals"]
+            senders_cpu = _tree_cpu(c.pid for c in psutil.Process(bus.hub_pid).children())
+    cpu = sp.cpu_by_role()
+    if bus is not None:
+        cpu["sender"] = senders_cpu
+    # Where the CPU went, per delivered event: the profile behind the rates.
+    result["cpu_us_per_event"] = {role: sec / got * 1e6 for role, sec in cpu.items()} if got else {}
     result["other_cores"] = other_cores(mark, CpuMark.now())
     return result
 
@@ -1089,6 +1168,11 @@ def end_to_end(cfg: Config, monitor: MemoryMonitor, ff: Any, rng: random.Random)
             row["send_rate"] = median([r["send_rate"] for r in mine])
         if kind == "mpevent":
             row["bus_totals"] = _sum_counters(r["bus_totals"] for r in mine)
+        roles = sorted({role for r in mine for role in r["cpu_us_per_event"]})
+        row["cpu_us_per_event"] = {
+            role: median([r["cpu_us_per_event"].get(role, math.nan) for r in mine])
+            for role in roles
+        }
         summary.append(row)
     by_key = {(r["pipeline"], r["producers"], r["senders"]): r for r in summary}
     for row in summary:
@@ -1505,6 +1589,7 @@ def render_report(results: dict[str, Any]) -> str:
                 )
                 + " (dropped = lane-full retries)"
             )
+        parts.append(render_cpu_profile(e2e["summary"]))
 
     fan = results.get("fanout")
     if fan:

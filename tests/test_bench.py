@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from mpevent import bench
+from mpevent.bench import PROFILE_ROLES
 
 # -- pure helpers --------------------------------------------------------------
 
@@ -109,6 +110,22 @@ def _results(**sections):
     return base | sections
 
 
+def test_cpu_profile_table_sums_roles_and_keeps_the_chosen_producer_count():
+    summary = [
+        {"pipeline": "mpevent", "producers": 2, "senders": 1,
+         "cpu_us_per_event": {"producer": 1.5, "sender": 3.5, "sink": 3.0}},
+        {"pipeline": "mpevent", "producers": 4, "senders": 1,
+         "cpu_us_per_event": {"producer": 9.0, "sender": 9.0, "sink": 9.0}},
+        {"pipeline": "bare", "producers": 1, "senders": 1,
+         "cpu_us_per_event": {"sender": 4.0, "sink": 1.0}},
+    ]  # fmt: skip
+    lines = bench.render_cpu_profile(summary).splitlines()
+    rows = [line.split() for line in lines[3:]]
+    assert rows[0] == ["mpevent", "1", "1.50", "3.50", "3.00", "8.00", "250,000"]
+    assert rows[1][-2:] == ["5.00", "400,000"]  # bare: no producer column value
+    assert len(rows) == 2  # the 4-producer row is left out
+
+
 def test_targets_from_figures():
     cost = {
         "cases": {
@@ -196,6 +213,12 @@ def test_smoke_run_has_every_section(tmp_path: Path, capsys):
             assert totals["enqueued"] == totals["dispatched"] == 400
     assert any(r["pipeline"] == "mp_queue" for r in summary)
     assert any(r["pipeline"] == "bare" and r["send_rate"] > 0 for r in summary)
+    # The CPU profile: every role of every pipeline measured, real CPU time.
+    for r in summary:
+        roles = {"sender", "sink"} if r["pipeline"].startswith("bare") else set(PROFILE_ROLES)
+        assert set(r["cpu_us_per_event"]) == roles, r
+        assert all(v > 0 for v in r["cpu_us_per_event"].values()), r
+    assert "CPU per delivered event" in printed
 
     fan = data["fanout"]["summary"]
     assert {r["subscribers"] for r in fan} == {1, 8, 64}
