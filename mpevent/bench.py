@@ -668,6 +668,14 @@ def other_cores(before: CpuMark, after: CpuMark) -> float | None:
     return max(0.0, other / wall)
 
 
+def busy_cores(before: CpuMark, after: CpuMark) -> float | None:
+    """Cores the whole machine (us included) kept busy on average between two marks."""
+    wall = after.wall - before.wall
+    if before.busy is None or after.busy is None or wall <= 0:
+        return None
+    return (after.busy - before.busy) / wall
+
+
 def _low_timer_slack() -> None:
     """Ask Linux for precise sleeps (the default slack adds up to 50 us)."""
     with contextlib.suppress(Exception):
@@ -1329,6 +1337,7 @@ def run_latency(
         got = sp.receive(res_r, cfg.run_timeout)
         latencies = array.array("q")
         latencies.frombytes(res_r.recv_bytes())
+        end = CpuMark.now()  # while the run's processes are still there: their CPU counts
         totals = bus.stats()["totals"]
     stats = summarize(latencies)
     return {
@@ -1339,6 +1348,7 @@ def run_latency(
         "retries": totals["dropped"],
         "p50_ns": stats["median"],
         "p99_ns": stats["p99"],
+        "busy_cores": busy_cores(mark, end),
         "other_cores": other_cores(mark, CpuMark.now()),
     }, latencies
 
@@ -1374,6 +1384,7 @@ def latency(cfg: Config, monitor: MemoryMonitor, rng: random.Random) -> dict[str
                 "p999_ns": stats["p999"],
                 "max_ns": stats["max"],
                 "other_cores": _mean([r["other_cores"] for r in mine]),
+                "busy_cores": _mean([r["busy_cores"] for r in mine]),
                 "runs": mine,
             }
         )
@@ -1638,6 +1649,7 @@ def render_report(results: dict[str, Any]) -> str:
                 fmt_us(r["max_ns"]),
                 f"{r['delivered']}/{r['raised']}",
                 " / ".join(fmt_us(run["p99_ns"]) for run in r["runs"]),
+                fmt_num(r["busy_cores"], 2),
                 fmt_num(r["other_cores"], 2),
             ]
             for r in lat["loads"]
@@ -1654,6 +1666,7 @@ def render_report(results: dict[str, Any]) -> str:
                     "max us",
                     "delivered",
                     "p99 us per round",
+                    "cores busy",
                     "other load",
                 ],
                 rows,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -233,6 +234,7 @@ def test_smoke_run_has_every_section(tmp_path: Path, capsys):
     for r in lat["loads"]:
         assert r["delivered"] == r["raised"]
         assert 0 < r["p50_ns"] <= r["p99_ns"] <= r["p999_ns"] <= r["max_ns"] < 10e9
+        assert 0 < r["busy_cores"] <= os.cpu_count() + 0.5  # ours at least, at most all
 
     mem = data["memory"]
     assert mem["segment_bytes"] > 0
