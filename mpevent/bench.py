@@ -676,6 +676,24 @@ def busy_cores(before: CpuMark, after: CpuMark) -> float | None:
     return (after.busy - before.busy) / wall
 
 
+def python_speed(rounds: int = 5, n: int = 200_000) -> float:
+    """ns per step of a fixed pure-Python loop (best of ``rounds``).
+
+    Shared machines change speed from minute to minute, and pure Python
+    slows more than syscalls do, which moves every ratio to the inline
+    baseline. Printed at the start and end of a run so that readers can
+    tell a slow phase from a regression.
+    """
+    best = math.inf
+    for _ in range(rounds):
+        t0 = time.perf_counter_ns()
+        x = 0
+        for i in range(n):
+            x = (x + i) & 0xFFFF
+        best = min(best, (time.perf_counter_ns() - t0) / n)
+    return best
+
+
 def _low_timer_slack() -> None:
     """Ask Linux for precise sleeps (the default slack adds up to 50 us)."""
     with contextlib.suppress(Exception):
@@ -1507,6 +1525,12 @@ def render_report(results: dict[str, Any]) -> str:
         parts[0] += "\nCPU kept busy by other processes meanwhile (cores, average): " + ", ".join(
             f"{k} {v:.2f}" for k, v in background.items() if v is not None
         )
+    speed = meta.get("python_ns_per_step")
+    if speed:
+        parts[0] += (
+            f"\nmachine speed (a fixed pure-Python loop, ns per step; lower is faster): "
+            f"{speed[0]:.1f} at the start, {speed[1]:.1f} at the end"
+        )
     parts[0] += "".join(f"\nnote: {n}" for n in results["notes"])
 
     cost = results.get("producer_cost")
@@ -1864,6 +1888,7 @@ def run(cfg: Config, sections: Sequence[str], seed: int = 1, use_faster_fifo: bo
     if unknown:
         raise ValueError(f"unknown sections {sorted(unknown)}; choose from {','.join(SECTIONS)}")
     started = time.monotonic()
+    speed_before = python_speed()
     rng = random.Random(seed)
     notes: list[str] = []
     ff = optional_module("faster_fifo") if use_faster_fifo else None
@@ -1909,6 +1934,7 @@ def run(cfg: Config, sections: Sequence[str], seed: int = 1, use_faster_fifo: bo
         "platform": f"{platform.system()} {platform.machine()}",
         "faster_fifo": getattr(ff, "__version__", "installed") if ff else None,
         "seconds": time.monotonic() - started,
+        "python_ns_per_step": [speed_before, python_speed()],
         "section_seconds": section_seconds,
         "other_cores": background,
         "config": asdict(cfg),

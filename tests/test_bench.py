@@ -243,6 +243,8 @@ def test_smoke_run_has_every_section(tmp_path: Path, capsys):
     assert all(r["peak_rss"] > 0 for r in mem["roles"])
 
     assert len(data["targets"]) == 7
+    assert all(0 < ns < 10_000 for ns in data["meta"]["python_ns_per_step"])
+    assert "machine speed" in printed
     assert {t["verdict"] for t in data["targets"]} <= {"PASS", "MISS", "n/a"}
     if bench.optional_module("matplotlib") is not None:
         assert png.stat().st_size > 0
