@@ -111,9 +111,9 @@ class Producer:
         self._counters_at = 0
         # Per event raised since the lane was claimed: (event id, its
         # subscriber count word, its counter block, its no-subscriber count
-        # word when a plain += may count, else 0). The fast path's only
-        # lookup: every word index it needs, precomputed.
-        self._fast: dict[str, tuple[int, int, int, int]] = {}
+        # word when a plain += may count, else 0, the largest params it may
+        # carry). The fast path's only lookup: all it needs, precomputed.
+        self._fast: dict[str, tuple[int, int, int, int, int]] = {}
         self._sleep_word = 0
         self._doorbell: Doorbell | None = None
         self._retry_claim_ns = 0
@@ -156,7 +156,7 @@ class Producer:
         (a ``ValueError``) when the notification would exceed the limit.
         """
         try:
-            event_id, sub_word, counters, idle_word = self._fast[event]
+            event_id, sub_word, counters, idle_word, max_params = self._fast[event]
         except (KeyError, TypeError):
             return self._raise_first(event, params)
         words = self._words
@@ -171,24 +171,20 @@ class Producer:
             return self._count_no_subscriber(counters)
         if subscribers >= HUB_GONE:
             return self._hub_down()  # the hub stopped: see mpevent.table.clear_counts
-        body = None
         if params.__class__ is dict and params:  # the common case, inlined
             try:
                 body = _dumps(params)
             except TypeError:
-                pass  # encode_params below says what is wrong
-            # find(), not "in": bytes.__contains__ first tries the needle as
-            # an int and pays for the TypeError it then swallows. A "null"
-            # may be NaN or infinity, which encode_params refuses.
-            if body is not None and body.find(b"null") >= 0:
-                body = None
-        if body is None:
-            try:
-                body = encode_params(params)
-            except (TypeError, ValueError):
-                self._count_rejected(counters, False)
-                raise
-        if len(body) > self._max_params[event_id]:
+                body = self._encode(params, counters)  # says what is wrong
+            else:
+                # find(), not "in": bytes.__contains__ first tries the needle
+                # as an int and pays for the TypeError it then swallows. A
+                # "null" may be NaN or infinity, which encode_params refuses.
+                if body.find(b"null") >= 0:
+                    body = self._encode(params, counters)
+        else:
+            body = self._encode(params, counters)
+        if len(body) > max_params:
             self._count_rejected(counters, True)
             self._refuse_oversize(event, event_id, len(body))
         raised_ns = _clock()
@@ -215,6 +211,14 @@ class Producer:
             self._doorbell.ring()
         return True
 
+    def _encode(self, params: Any, counters: int) -> bytes:
+        """encode_params, counting what it refuses as rejected."""
+        try:
+            return encode_params(params)
+        except (TypeError, ValueError):
+            self._count_rejected(counters, False)
+            raise
+
     def _refuse_oversize(self, event: str, event_id: int, params_len: int) -> None:
         size = self._prefix_len[event_id] + params_len + 1
         if size > MAX_DATAGRAM:
@@ -240,6 +244,7 @@ class Producer:
             self._sub_count_at + event_id,
             counters,
             counters + P_NO_SUBSCRIBER if unlocked else 0,
+            self._max_params[event_id],
         )
         return self.raise_event(event, params)
 
