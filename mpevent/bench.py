@@ -1796,7 +1796,8 @@ def plot(results: dict[str, Any], path: str) -> str | None:
         )
         ax.set_ylabel("delivered events/s")
         ax.set_title("2. end to end (producers/senders)")
-        ax.legend(fontsize=7, loc="lower right", framealpha=0.9)
+        ax.set_ylim(top=ax.get_ylim()[1] * 1.3)  # room for the legend above the bars
+        ax.legend(fontsize=7, loc="upper center", ncol=2, framealpha=0.9)
     ax = axes[1][0]
     fan = results.get("fanout")
     if fan:
