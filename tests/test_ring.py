@@ -274,13 +274,7 @@ class LaneModel(RuleBasedStateMachine):
         got = [(e, bytes(b), ns) for e, b, ns in self.reader.read(limit)]
         expected = [self.unread.popleft() for _ in range(min(limit, len(self.unread)))]
         assert got == [record[:3] for record in expected]
-        self.uncommitted.extend(expected)
-        if expected:
-            self.read_at = expected[-1][3]
-        assert self.reader.head == self.read_at
-        assert bytes(self.arr) == before, "reading wrote to the lane"
-        if commit:
-            self.commit()
+        self.taken(expected, before, commit)
 
     @rule(limit=st.integers(0, 12), max_bytes=st.integers(1, 1 << 16), commit=st.booleans())
     def read_span(self, limit: int, max_bytes: int, commit: bool) -> None:
@@ -295,6 +289,12 @@ class LaneModel(RuleBasedStateMachine):
             assert len(stretch) <= max_bytes, "a stretch of several records beyond max_bytes"
         expected = [self.unread.popleft() for _ in got]
         assert got == [(e, body) for e, body, _, _ in expected]
+        self.taken(expected, before, commit)
+
+    def taken(
+        self, expected: list[tuple[int, bytes, int, int]], before: bytes, commit: bool
+    ) -> None:
+        """The model's side of a read: the reader moved past ``expected``, wrote nothing."""
         self.uncommitted.extend(expected)
         if expected:
             self.read_at = expected[-1][3]
