@@ -29,7 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 MAGIC = 0x3156_4E45_5645_504D  # b"MPEVENV1" little-endian
-LAYOUT_VERSION = 2
+LAYOUT_VERSION = 3
 CACHE_LINE = 64
 HEADER_BYTES = 4096
 MAX_SENDERS = 64
@@ -67,12 +67,20 @@ STATE_RUNNING = 1
 STATE_STOPPING = 2
 STATE_STOPPED = 3
 
-# Sender block words (relative to the block): two cache lines, because
-# every producer reads the sleeping flag on every raise and the sender
-# counts its loops; sharing a line would make each raise a cache miss.
-SENDER_BLOCK = 2 * CACHE_LINE
+# Sender block words (relative to the block): the sleeping flag alone on
+# its first cache line, because every producer reads it on every raise and
+# the sender writes the rest per pass; sharing a line would make each raise
+# a cache miss.
+SENDER_BLOCK = 4 * CACHE_LINE
 S_SLEEPING = 0
 S_LOOPS = 8  # passes of the sender's loop (a test watches it spin, or not)
+S_AGE_MAX = 9  # ns: the oldest record any batch held when it was sent
+# Events by the age of their batch's oldest record when the batch was sent
+# (raise to sendmmsg, an upper bound for each event in it): word
+# S_AGE_HIST + k counts ages below 2**k us (k = 0: under 1 us), the last
+# bucket everything older. The sender's own share of the latency.
+S_AGE_HIST = 16
+AGE_BUCKETS = 16
 
 # Lane control words (relative to the lane block); 3 cache lines so that the
 # producer's tail and the consumer's head never share one.

@@ -211,16 +211,17 @@ class LaneReader(_LaneEnd):
 
     def read_span(
         self, limit: int, max_bytes: int
-    ) -> tuple[list[tuple[int, int, int]], memoryview]:
+    ) -> tuple[list[tuple[int, int, int]], memoryview, int]:
         """Up to ``limit`` records lying in one stretch of the lane, at most ``max_bytes`` long.
 
-        Returns ``(records, stretch)``: each record as (event id, offset of
-        its body in the stretch, body length), and the stretch as a view
-        into the lane. A sender copies the stretch once, with one
-        ``memcpy``, instead of every body on its own. A stretch never wraps
-        around the end of the lane: a record written at offset 0 comes in
-        the next call. Like :meth:`read`, the view is valid until
-        :meth:`commit`.
+        Returns ``(records, stretch, first_raised_ns)``: each record as
+        (event id, offset of its body in the stretch, body length), the
+        stretch as a view into the lane, and the raise time of the first
+        (oldest) record, 0 when there is none. A sender copies the stretch
+        once, with one ``memcpy``, instead of every body on its own. A
+        stretch never wraps around the end of the lane: a record written at
+        offset 0 comes in the next call. Like :meth:`read`, the view is
+        valid until :meth:`commit`.
         """
         tail = self._q[self._tail_word]  # read tail before any byte below it
         if NEEDS_FENCE:
@@ -254,6 +255,7 @@ class LaneReader(_LaneEnd):
             if start < 0:
                 start = off
                 lap_end = head + size - off
+                first_raised_ns = q[((base + off) >> 3) + 1]
             elif off + span - start > max_bytes:
                 break
             records.append((header >> 32 & 0xFFFF, off - start + RECORD_HEADER_BYTES, n))
@@ -261,8 +263,9 @@ class LaneReader(_LaneEnd):
             limit -= 1
         self.head = head
         if not records:
-            return records, self._buf[0:0]
-        return records, self._buf[base + start : base + (head & mask or size)]
+            return records, self._buf[0:0], 0
+        stretch = self._buf[base + start : base + (head & mask or size)]
+        return records, stretch, first_raised_ns
 
     def commit(self) -> None:
         """Publish ``head``: everything read so far may be overwritten."""

@@ -33,6 +33,7 @@ from collections.abc import Sequence
 
 from . import mmsg
 from .layout import (
+    AGE_BUCKETS,
     C_DISPATCHED,
     C_LOST,
     C_OVERSIZE,
@@ -50,6 +51,8 @@ from .layout import (
     H_EVENT_COUNT,
     H_STATE,
     L_CLAIMS,
+    S_AGE_HIST,
+    S_AGE_MAX,
     S_LOOPS,
     S_SLEEPING,
     STATE_RUNNING,
@@ -468,7 +471,7 @@ class Sender:
         for lane, reader in self.active:
             if not reader.pending():
                 continue
-            records, stretch = reader.read_span(BATCH, STRETCH_BYTES)
+            records, stretch, oldest_ns = reader.read_span(BATCH, STRETCH_BYTES)
             if not records:
                 reader.commit()  # only padding
                 continue
@@ -518,10 +521,20 @@ class Sender:
                 words[word] += n
             reader.commit()
             if ids:
+                self._count_age(oldest_ns, len(ids))
                 self._send_batch(batch, ids, routes, single)
                 for event_id, n in per_event.items():
                     words[counters + event_id * 8 + C_DISPATCHED] += n
         return taken
+
+    def _count_age(self, oldest_ns: int, events: int) -> None:
+        """How long the batch's oldest record waited, raise to send (see S_AGE_HIST)."""
+        age_ns = time.monotonic_ns() - oldest_ns
+        words, me = self.words, self.my_word
+        if age_ns > words[me + S_AGE_MAX]:
+            words[me + S_AGE_MAX] = age_ns
+        bucket = min(AGE_BUCKETS - 1, max(0, age_ns // 1000).bit_length())
+        words[me + S_AGE_HIST + bucket] += events
 
     def _send_batch(
         self,

@@ -20,12 +20,16 @@ from __future__ import annotations
 from typing import Any
 
 from .layout import (
+    AGE_BUCKETS,
     CONSUMER_COUNTERS,
     D_ID,
     DEST_COUNTERS,
     H_REPAIRED,
     L_CLAIMS,
     PRODUCER_COUNTERS,
+    S_AGE_HIST,
+    S_AGE_MAX,
+    S_LOOPS,
 )
 from .registry import Snapshot
 from .segment import Segment
@@ -87,6 +91,42 @@ def destination_counters(seg: Segment, snapshot: Snapshot | None = None) -> list
     return rows
 
 
+def age_bound_us(hist: list[int], q: float) -> int | None:
+    """An upper bound, in us, on the ``q`` quantile (0..1) of an age histogram
+    (see ``S_AGE_HIST``); None when it is empty. The last bucket is open
+    (everything older): for it the bound is its lower end, 2**(n-2) us."""
+    total = sum(hist)
+    if not total:
+        return None
+    need = q * total
+    seen = 0
+    for k, n in enumerate(hist):
+        seen += n
+        if seen >= need:
+            return 1 << k if k < len(hist) - 1 else 1 << (k - 1)
+    return 1 << (len(hist) - 2)
+
+
+def sender_counters(seg: Segment) -> list[dict[str, Any]]:
+    """Per sender: its loop count and how long its batches' oldest records waited."""
+    words, layout = seg.words, seg.layout
+    rows = []
+    for sender in range(layout.geometry.senders):
+        w = layout.sender_word(sender)
+        hist = [words[w + S_AGE_HIST + k] for k in range(AGE_BUCKETS)]
+        rows.append(
+            {
+                "sender": sender,
+                "loops": words[w + S_LOOPS],
+                "age_max_us": words[w + S_AGE_MAX] // 1000,
+                "age_hist": hist,
+                "age_p50_us": age_bound_us(hist, 0.5),
+                "age_p99_us": age_bound_us(hist, 0.99),
+            }
+        )
+    return rows
+
+
 def collect(seg: Segment) -> dict[str, Any]:
     """Everything, as plain data (what ``EventBus.stats()`` returns)."""
     events = event_counters(seg)
@@ -99,6 +139,7 @@ def collect(seg: Segment) -> dict[str, Any]:
         "events": events,
         "destinations": destinations,
         "totals": totals,
+        "senders": sender_counters(seg),
         "lost_in_flight": totals["lost"],
         "repaired": seg.words[H_REPAIRED],
     }

@@ -235,6 +235,7 @@ def test_smoke_run_has_every_section(tmp_path: Path, capsys):
         assert r["delivered"] == r["raised"]
         assert 0 < r["p50_ns"] <= r["p99_ns"] <= r["p999_ns"] <= r["max_ns"] < 10e9
         assert 0 < r["busy_cores"] <= os.cpu_count() + 0.5  # ours at least, at most all
+        assert r["send_age_p99_us"] >= 1  # the sender measured its part
 
     mem = data["memory"]
     assert mem["segment_bytes"] > 0

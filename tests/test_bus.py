@@ -827,6 +827,7 @@ def test_full_lane_refuses_counts_and_recovers(udp_sink) -> None:
         (sender,) = sender_processes(bus, 1)
 
         os.kill(sender.pid, signal.SIGSTOP)
+        stopped_at = time.monotonic()
         try:
             assert wait_for(lambda: sender.status() == psutil.STATUS_STOPPED), sender.status()
             accepted = refused = 0
@@ -851,8 +852,10 @@ def test_full_lane_refuses_counts_and_recovers(udp_sink) -> None:
             assert e["enqueued"] == accepted + 1, e
             assert e["raised"] == accepted + 1 + refused, e  # every call counted
             assert e["dispatched"] == 1, e  # nothing moved while the sender was stopped
+            time.sleep(0.3)  # the records wait at least this long
         finally:
             os.kill(sender.pid, signal.SIGCONT)
+            stopped_for = time.monotonic() - stopped_at
 
         expected = {"E_FULL": [encode_notification("E_FULL", {"seq": i}) for i in range(accepted)]}
         got = udp_sink.receive(accepted, timeout=15) + udp_sink.quiet(0.3)
@@ -863,6 +866,12 @@ def test_full_lane_refuses_counts_and_recovers(udp_sink) -> None:
         assert stats["events"]["E_FULL"]["dispatched"] == accepted + 1
         row = destination(bus, "E_FULL", udp_sink.address)
         assert row["sent"] == accepted + 1 and row["pending"] == 0, row
+        # The sender saw how long they waited: every dispatched event is in
+        # the age histogram, the ones held up by SIGSTOP among the oldest.
+        (ages,) = stats["senders"]
+        assert sum(ages["age_hist"]) == accepted + 1, ages
+        assert 0.3e6 <= ages["age_max_us"] <= (stopped_for + 5) * 1e6, (ages, stopped_for)
+        assert sum(ages["age_hist"][-1:]) >= accepted - 1, ages  # all older than 16 ms
         # The lane has room again.
         assert bus.raise_event("E_FULL", {"seq": "after"})
         assert udp_sink.receive(1) == [encode_notification("E_FULL", {"seq": "after"})]

@@ -280,7 +280,7 @@ class LaneModel(RuleBasedStateMachine):
     def read_span(self, limit: int, max_bytes: int, commit: bool) -> None:
         """The sender's reader: the same records, from one contiguous stretch."""
         before = bytes(self.arr)
-        records, stretch = self.reader.read_span(limit, max_bytes)
+        records, stretch, first_raised_ns = self.reader.read_span(limit, max_bytes)
         got = [(e, bytes(stretch[at : at + n])) for e, at, n in records]
         if limit and self.unread:
             assert got, "records were waiting but none came"
@@ -289,6 +289,7 @@ class LaneModel(RuleBasedStateMachine):
             assert len(stretch) <= max_bytes, "a stretch of several records beyond max_bytes"
         expected = [self.unread.popleft() for _ in got]
         assert got == [(e, body) for e, body, _, _ in expected]
+        assert first_raised_ns == (expected[0][2] if expected else 0)
         self.taken(expected, before, commit)
 
     def taken(
