@@ -4,12 +4,15 @@ One sender process owns a fixed set of lanes (``lane % senders``), so each
 lane has exactly one consumer. Per loop it:
 
 1. reloads the subscription table when the hub's generation changed;
-2. takes a batch of records from each lane, builds each event's datagram
-   once, and hands it to every subscriber of the event;
+2. takes a batch of records from each lane (one stretch, copied out at
+   once), describes each event's datagram once as pieces, and sends the
+   batch to every subscriber with one ``sendmmsg`` per destination
+   (:mod:`mpevent.mmsg`); it counts how long the batch's oldest record
+   waited;
 3. flushes backlogs of subscribers that became writable;
 4. stores its counters in the segment and publishes the lanes' ``head``;
-5. sleeps on its doorbell when there was nothing to do (bounded, see
-   :mod:`mpevent.wakeup`).
+5. naps, then sleeps on its doorbell, when there was nothing to do
+   (bounded, see :mod:`mpevent.wakeup`).
 
 Sends are non-blocking on connected sockets, one per destination. A
 connected socket reports ECONNREFUSED (UDP port closed, UNIX listener gone)
