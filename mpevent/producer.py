@@ -235,17 +235,20 @@ class Producer:
             event_id = self._lookup(event)  # raises for a bad or unknown name
         if self._lane is None:
             self._claim()
-        counters = self._counters_at + event_id * 8
-        # Without a GIL, or counting in the spare block that lane-less
-        # processes share, the count takes the lock (word 0 is never a count).
-        unlocked = _GIL and self._lane is not None
-        self._fast[event] = (
-            event_id,
-            self._sub_count_at + event_id,
-            counters,
-            counters + P_NO_SUBSCRIBER if unlocked else 0,
-            self._max_params[event_id],
-        )
+        # Under the lock, as _claim clears the entries: one made from a
+        # counter block a concurrent claim just replaced must not survive.
+        with self._lock:
+            counters = self._counters_at + event_id * 8
+            # Without a GIL, or counting in the spare block that lane-less
+            # processes share, the count takes the lock (word 0 is never one).
+            unlocked = _GIL and self._lane is not None
+            self._fast[event] = (
+                event_id,
+                self._sub_count_at + event_id,
+                counters,
+                counters + P_NO_SUBSCRIBER if unlocked else 0,
+                self._max_params[event_id],
+            )
         return self.raise_event(event, params)
 
     def _count_no_subscriber(self, counters: int) -> bool:
@@ -297,15 +300,17 @@ class Producer:
                 return
             layout = self._layout
             now = time.monotonic_ns()
-            lane = None
-            if now >= self._retry_claim_ns:
-                lane = self._seg.claim_lane(os.getpid())
+            if now < self._retry_claim_ns:
+                return  # every lane was owned a moment ago: look again later
+            lane = self._seg.claim_lane(os.getpid())
             if lane is None:
                 # Every lane is owned: count in the spare block (see
-                # _SpareLane) and look for a free lane again later.
+                # _SpareLock) and look for a free lane again after the
+                # interval, however often this process raises meanwhile.
                 self._retry_claim_ns = now + _NO_LANE_RETRY_NS
-                self._counters_at = layout.prod_counter_word(layout.geometry.lanes, 0)
-                self._lock = _SpareLock(self._seg.fd, layout.geometry.lanes)
+                if not isinstance(self._lock, _SpareLock):
+                    self._counters_at = layout.prod_counter_word(layout.geometry.lanes, 0)
+                    self._lock = _SpareLock(self._seg.fd, layout.geometry.lanes)
                 return
             g = layout.geometry
             self._lane = LaneWriter(

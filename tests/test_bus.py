@@ -877,6 +877,57 @@ def test_full_lane_refuses_counts_and_recovers(udp_sink) -> None:
         assert udp_sink.receive(1) == [encode_notification("E_FULL", {"seq": "after"})]
 
 
+@pytest.mark.timeout(60)
+def test_every_lane_owned_refuses_and_counts_until_a_lane_is_free(kids: Kids, udp_sink) -> None:
+    """The degraded mode: a process that finds every lane owned counts its
+    calls in the spare block (dropped, no_subscriber) and gets a lane once
+    one is freed (its owner died; it looks again at most every second)."""
+    with EventBus(lanes=1) as bus:
+        bus.publish_event("E_OWNED")
+        bus.publish_event("E_NOBODY")
+        bus.subscribe("E_OWNED", udp_sink.address)
+        hold_r, hold_w = os.pipe()
+        ready_r, ready_w = os.pipe()
+
+        def holder() -> int:
+            os.close(hold_w)
+            os.close(ready_r)
+            assert bus.raise_event("E_OWNED", {"from": "holder"})  # claims the only lane
+            os.write(ready_w, b"x")
+            os.read(hold_r, 1)  # until the test closes its end
+            return 0
+
+        pid = kids.fork(holder)
+        os.close(hold_r)
+        os.close(ready_w)
+        try:
+            assert os.read(ready_r, 1) == b"x"
+            for i in range(5):
+                assert bus.raise_event("E_OWNED", {"seq": i}) is False
+                assert bus.raise_event("E_NOBODY", {"seq": i}) is False
+            assert bus.producer.lane == -1
+            owned = events_of(bus, "E_OWNED")
+            assert owned["enqueued"] == 1 and owned["dropped"] == 5, owned
+            assert events_of(bus, "E_NOBODY")["no_subscriber"] == 5
+        finally:
+            os.close(ready_r)
+            os.close(hold_w)  # the holder exits; the hub frees its lane
+        assert kids.wait(pid) == 0
+        assert wait_for(lambda: bus.raise_event("E_OWNED", {"seq": "after"}), timeout=15)
+        assert bus.producer.lane == 0
+        got = udp_sink.receive(2)
+        assert sorted(got) == sorted(
+            [
+                encode_notification("E_OWNED", {"from": "holder"}),
+                encode_notification("E_OWNED", {"seq": "after"}),
+            ]
+        )
+        assert wait_for(lambda: drained(bus))
+        stats = bus.stats()
+        check_accounting(stats)
+        assert stats["events"]["E_OWNED"]["enqueued"] == 2
+
+
 # --- 6. no subscriber, bad input -------------------------------------------------
 
 
