@@ -485,8 +485,7 @@ class Sender:
             pieces, sizes, bodies = batch.pieces, batch.sizes, batch.bodies
             routes, heads = self.routes, self.heads
             ids: list[int] = []  # event id per message
-            skipped: dict[int, int] = {}  # counter word -> unrouted or oversize events
-            skipped_ids: list[int] = []
+            skipped: list[tuple[int, int]] = []  # (event id, C_UNROUTED or C_OVERSIZE)
             for event_id, at, n in records:
                 if event_id >= len(routes) or not routes[event_id]:
                     # A producer may have seen the subscriber count before
@@ -494,16 +493,12 @@ class Sender:
                     self.reload()
                     routes, heads = self.routes, self.heads
                     if event_id >= len(routes) or not routes[event_id]:
-                        cw = counters + event_id * 8 + C_UNROUTED
-                        skipped[cw] = skipped.get(cw, 0) + 1
-                        skipped_ids.append(event_id)
+                        skipped.append((event_id, C_UNROUTED))
                         continue
                 head_at, head_len, bare_at, bare_len = heads[event_id]
                 if n:
                     if head_len + n + 1 > MAX_DATAGRAM:
-                        cw = counters + event_id * 8 + C_OVERSIZE
-                        skipped[cw] = skipped.get(cw, 0) + 1
-                        skipped_ids.append(event_id)
+                        skipped.append((event_id, C_OVERSIZE))
                         continue
                     pieces += (head_at, head_len, base + at, n, CLOSE_AT, 1)
                     sizes.append(head_len + n + 1)
@@ -515,13 +510,12 @@ class Sender:
             # One event in the whole batch is the usual case: count it at once.
             single = bool(ids) and ids.count(ids[0]) == len(ids)
             per_event = {ids[0]: len(ids)} if single else Counter(ids)
-            if skipped_ids:
-                for event_id, n in Counter(skipped_ids).items():
-                    words[counters + event_id * 8 + C_TAKEN] += n
             for event_id, n in per_event.items():
                 words[counters + event_id * 8 + C_TAKEN] += n
-            for word, n in skipped.items():
-                words[word] += n
+            if skipped:
+                for (event_id, why), n in Counter(skipped).items():
+                    words[counters + event_id * 8 + C_TAKEN] += n
+                    words[counters + event_id * 8 + why] += n
             reader.commit()
             if ids:
                 self._count_age(oldest_ns, len(ids))

@@ -928,6 +928,38 @@ def test_every_lane_owned_refuses_and_counts_until_a_lane_is_free(kids: Kids, ud
         assert stats["events"]["E_OWNED"]["enqueued"] == 2
 
 
+@pytest.mark.timeout(60)
+def test_events_whose_subscribers_left_before_sending_count_as_unrouted(udp_sink) -> None:
+    """Taken from the lane after their only subscription ended: counted as
+    unrouted, never sent; the other event of the same batches still goes."""
+    with EventBus(lanes=2) as bus:
+        bus.publish_event("E_LEFT")
+        bus.publish_event("E_STAYS")
+        bus.subscribe("E_LEFT", udp_sink.address)
+        bus.subscribe("E_STAYS", udp_sink.address)
+        assert bus.raise_event("E_STAYS", {"seq": -1})
+        assert udp_sink.receive(1) == [encode_notification("E_STAYS", {"seq": -1})]
+        assert wait_for(lambda: drained(bus))
+        (sender,) = sender_processes(bus, 1)
+        os.kill(sender.pid, signal.SIGSTOP)
+        try:
+            assert wait_for(lambda: sender.status() == psutil.STATUS_STOPPED), sender.status()
+            for i in range(10):
+                assert bus.raise_event("E_LEFT", {"seq": i})
+                assert bus.raise_event("E_STAYS", {"seq": i})
+            bus.subscribe("E_LEFT", udp_sink.address, expire=0)  # unsubscribe
+        finally:
+            os.kill(sender.pid, signal.SIGCONT)
+        got = udp_sink.receive(10) + udp_sink.quiet(0.3)
+        assert got == [encode_notification("E_STAYS", {"seq": i}) for i in range(10)]
+        assert wait_for(lambda: drained(bus))
+        stats = bus.stats()
+        check_accounting(stats)
+        left = stats["events"]["E_LEFT"]
+        assert left["enqueued"] == left["unrouted"] == 10 and left["dispatched"] == 0, left
+        assert stats["events"]["E_STAYS"]["dispatched"] == 11
+
+
 # --- 6. no subscriber, bad input -------------------------------------------------
 
 
