@@ -659,16 +659,6 @@ class CpuMark:
         return cls(time.monotonic(), busy, own)
 
 
-def other_cores(before: CpuMark, after: CpuMark) -> float | None:
-    """Cores the rest of the machine kept busy on average between two marks (taken
-    when all of our children are reaped): the noise the figures in between suffered."""
-    wall = after.wall - before.wall
-    if before.busy is None or after.busy is None or wall <= 0:
-        return None
-    other = (after.busy - before.busy) - (after.own - before.own)
-    return max(0.0, other / wall)
-
-
 def busy_cores(before: CpuMark, after: CpuMark) -> float | None:
     """Cores the whole machine (us included) kept busy on average between two marks."""
     wall = after.wall - before.wall
@@ -677,13 +667,23 @@ def busy_cores(before: CpuMark, after: CpuMark) -> float | None:
     return (after.busy - before.busy) / wall
 
 
+def other_cores(before: CpuMark, after: CpuMark) -> float | None:
+    """Cores the rest of the machine kept busy on average between two marks (taken
+    when all of our children are reaped): the noise the figures in between suffered."""
+    busy = busy_cores(before, after)
+    if busy is None:
+        return None
+    return max(0.0, busy - (after.own - before.own) / (after.wall - before.wall))
+
+
 def python_speed(rounds: int = 5, n: int = 200_000) -> float:
     """ns per step of a fixed pure-Python loop (best of ``rounds``).
 
     Shared machines change speed from minute to minute, and pure Python
     slows more than syscalls do, which moves every ratio to the inline
-    baseline. Printed at the start and end of a run so that readers can
-    tell a slow phase from a regression.
+    baseline. Printed at the start and end of a run as a first hint of the
+    machine's state (on this project's VM it did not always show a slow
+    phase: README, "Figures").
     """
     best = math.inf
     for _ in range(rounds):

@@ -44,6 +44,7 @@ bytes still being read.
 from __future__ import annotations
 
 import platform
+import sys
 import threading
 from collections.abc import Iterator
 
@@ -177,37 +178,20 @@ class LaneReader(_LaneEnd):
     def read(self, limit: int) -> Iterator[tuple[int, memoryview, int]]:
         """Yield up to ``limit`` records as (event id, body view, raise ns).
 
-        The body views point into the lane: use them before :meth:`commit`,
-        which hands their bytes back to the producer.
+        Record by record, across the end of the lane: :meth:`read_span` in
+        a loop (``head`` moves a stretch at a time). The views point into
+        the lane: use them before :meth:`commit`, which hands their bytes
+        back to the producer.
         """
-        tail = self._q[self._tail_word]  # read tail before any byte below it
-        if NEEDS_FENCE:
-            fence()
-        head = self.head
-        buf = self._buf
-        base = self._base
-        mask = self._mask
-        size = self._size
-        q = self._q
-        while head < tail and limit > 0:
-            off = head & mask
-            to_end = size - off
-            if to_end < RECORD_HEADER_BYTES:
-                head += to_end
-                continue
-            word = (base + off) >> 3
-            header = q[word]
-            if header >> 48 & FLAG_WRAP:
-                head += to_end
-                continue
-            n = header & 0xFFFFFFFF
-            event_id = header >> 32 & 0xFFFF
-            raised_ns = q[word + 1]
-            at = base + off + RECORD_HEADER_BYTES
-            self.head = head = head + ((RECORD_HEADER_BYTES + n + 7) & ~7)
-            limit -= 1
-            yield event_id, buf[at : at + n], raised_ns
-        self.head = head
+        while limit > 0:
+            records, stretch, _ = self.read_span(limit, self._size)
+            if not records:
+                return
+            limit -= len(records)
+            for event_id, at, n in records:
+                # The raise time is the header's second word, just before the body.
+                raised_ns = int.from_bytes(stretch[at - 8 : at], sys.byteorder)
+                yield event_id, stretch[at : at + n], raised_ns
 
     def read_span(
         self, limit: int, max_bytes: int

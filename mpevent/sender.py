@@ -60,7 +60,7 @@ from .layout import (
     S_SLEEPING,
     STATE_RUNNING,
 )
-from .mmsg import STRETCH_BYTES, Outbox, address_of
+from .mmsg import INTS_PER_MESSAGE, STRETCH_BYTES, Outbox, address_of
 from .payload import MAX_DATAGRAM, Notification
 from .registry import Route
 from .ring import LaneReader
@@ -340,15 +340,15 @@ class Sender:
         g = layout.geometry
         self.words = seg.words
         self.my_word = layout.sender_word(index)
-        self.lanes = [lane for lane in range(g.lanes) if layout.lane_sender(lane) == index]
-        self.readers = [
+        self.readers = [  # the lanes this sender drains (lane % senders)
             (
                 lane,
                 LaneReader(
                     seg.buf, seg.words, layout.lane_word(lane), layout.lane_data(lane), g.lane_size
                 ),
             )
-            for lane in self.lanes
+            for lane in range(g.lanes)
+            if layout.lane_sender(lane) == index
         ]
         # The lanes some producer has claimed; the others stay empty, and
         # looking at all of them on every pass costs microseconds.
@@ -564,7 +564,8 @@ class Sender:
         pieces = batch.pieces
         touched: set[SubscriptionStats] = set()
         for ep, (messages, stats) in runs.items():
-            outbox.pack([x for i in messages for x in pieces[i * 6 : i * 6 + 6]])
+            w = INTS_PER_MESSAGE
+            outbox.pack([x for i in messages for x in pieces[i * w : i * w + w]])
             ep.send(batch, messages, stats)
             touched.update(stats)
         # Only the subscriptions this batch used: with many subscribers,

@@ -100,11 +100,12 @@ def age_bound_us(hist: list[int], q: float) -> int | None:
         return None
     need = q * total
     seen = 0
+    last = len(hist) - 1
     for k, n in enumerate(hist):
         seen += n
-        if seen >= need:
-            return 1 << k if k < len(hist) - 1 else 1 << (k - 1)
-    return 1 << (len(hist) - 2)
+        if seen >= need or k == last:
+            break
+    return 1 << k if k < last else 1 << (last - 1)
 
 
 def sender_counters(seg: Segment) -> list[dict[str, Any]]:

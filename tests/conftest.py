@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -132,6 +134,17 @@ def unix_sink(tmp_path: Path) -> Iterator[UnixSink]:
     sink = UnixSink(tmp_path / "sink.sock")
     yield sink
     sink.close()
+
+
+@contextlib.contextmanager
+def running(proc: subprocess.Popen) -> Iterator[subprocess.Popen]:
+    """``proc`` for the block; then killed if it still runs, reaped, its pipes closed."""
+    with proc:  # Popen's own exit closes the pipes and waits
+        try:
+            yield proc
+        finally:
+            if proc.poll() is None:
+                proc.kill()
 
 
 def wait_for(predicate, timeout: float = 10.0, interval: float = 0.01):

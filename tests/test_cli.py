@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Daemon, UdpSink, free_port, wait_for
+from conftest import Daemon, UdpSink, free_port, running, wait_for
 
 from mpevent import cli
 from mpevent.cli import (
@@ -454,17 +454,13 @@ def test_listen_entry_point_raw_udp():
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
-    try:
+    with running(proc):
         assert b"listening on udp:127.0.0.1:" in proc.stderr.readline()
         odd = b'{"jsonrpc":"2.0","method":"E_\xc3\xa9","params":["\\n"]}'
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             s.sendto(EXPECTED, ("127.0.0.1", port))
             s.sendto(odd, ("127.0.0.1", port))
         out, err = proc.communicate(timeout=10)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == 0, err
     assert out == EXPECTED + b"\n" + odd + b"\n"
 
@@ -477,7 +473,7 @@ def test_listen_sigint_exits_0_and_removes_its_socket(tmp_path: Path):
         stderr=subprocess.PIPE,
         cwd=tmp_path,
     )
-    try:
+    with running(proc):
         assert f"listening on unix:{path}".encode() in proc.stderr.readline()
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
             s.sendto(EXPECTED, str(path))
@@ -485,10 +481,6 @@ def test_listen_sigint_exits_0_and_removes_its_socket(tmp_path: Path):
         assert line.rstrip("\n").endswith(" E_X ip=1.2.3.4 n=5")
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=10)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == 0, err
     assert out == b""  # nothing more than the one line
     assert b"Traceback" not in err

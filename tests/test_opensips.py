@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import DESIGN_METHODS, wait_for
+from conftest import DESIGN_METHODS, running, wait_for
 
 import mpevent
 
@@ -268,7 +268,7 @@ def test_opensips_event_command(daemon, tmp_path, target, sig):
         cmd, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     output = _Output(proc)
-    try:
+    with running(proc):
         listed = wait_for(lambda: subscribers(daemon), timeout=15, interval=0.05)
         assert listed, (
             f"opensips-event did not subscribe: {proc.stderr.read() if proc.poll() else ''}"
@@ -292,11 +292,5 @@ def test_opensips_event_command(daemon, tmp_path, target, sig):
         assert proc.wait(timeout=15) == 0, proc.stderr.read()
         output.join()
         assert subscribers(daemon) == []  # it unsubscribed on its way out
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
-        proc.stderr.close()
     assert daemon.proc.poll() is None
     assert daemon.mi("version")["Server"].startswith("mpevent ")
