@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m mpevent.demo
+	$(BIN)/python -m mpevent.tools.demo
 
 test: $(STAMP)
 	$(BIN)/ruff check .
@@ -30,7 +30,7 @@ chaos: $(STAMP)
 
 # The benchmark, side by side; BENCH_ARGS="--quick" or "--json out.json --plot out.png".
 bench: $(BENCH_STAMP)
-	$(BIN)/python -m mpevent.bench $(BENCH_ARGS)
+	$(BIN)/python -m mpevent.tools.bench $(BENCH_ARGS)
 
 # Optional extras have stamps of their own: `make test` needs neither
 # locust nor the benchmark's comparison pipelines.

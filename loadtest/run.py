@@ -46,8 +46,8 @@ from pathlib import Path
 
 import psutil
 
-from mpevent.private import PrivateHub, die_with_parent, free_port, short_tmpdir
-from mpevent.segment import shm_path
+from mpevent.shm.segment import shm_path
+from mpevent.tools.private import PrivateHub, die_with_parent, free_port, short_tmpdir
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent

@@ -5,11 +5,16 @@ Worker processes raise named events; subscribers get each one as a JSON-RPC
 OpenSIPS sends. See README.md and DESIGN.md.
 """
 
-from .bus import BusError, EventBus
-from .connect import Connection, NotServing, connect
-from .destination import Destination, DestinationError, parse_destination
-from .payload import MAX_DATAGRAM, DatagramTooLarge, PayloadError, encode_notification
-from .producer import UnknownEvent
+from mpevent.api.bus import BusError, EventBus
+from mpevent.api.connect import Connection, NotServing, connect
+from mpevent.processes.producer import UnknownEvent
+from mpevent.protocol.destination import Destination, DestinationError, parse_destination
+from mpevent.protocol.payload import (
+    MAX_DATAGRAM,
+    DatagramTooLarge,
+    PayloadError,
+    encode_notification,
+)
 
 __all__ = [
     "MAX_DATAGRAM",

@@ -209,12 +209,12 @@ class Daemon:
         self.wait_ready()
 
     def mi(self, method: str, params=None, transport: str = "udp", timeout: float = 5.0):
-        from mpevent.client import MIClient
+        from mpevent.api.client import MIClient
 
         return MIClient(getattr(self, transport), timeout=timeout).call(method, params)
 
     def wait_ready(self, timeout: float = 20.0) -> None:
-        from mpevent.client import MIUnavailable
+        from mpevent.api.client import MIUnavailable
 
         deadline = time.monotonic() + timeout
         while True:

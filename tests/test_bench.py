@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from mpevent import bench
-from mpevent.bench import PROFILE_ROLES
+from mpevent.tools import bench
+from mpevent.tools.bench import PROFILE_ROLES
 
 # -- pure helpers --------------------------------------------------------------
 

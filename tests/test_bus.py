@@ -42,9 +42,9 @@ from mpevent import (
     PayloadError,
     UnknownEvent,
     encode_notification,
-    mmsg,
 )
-from mpevent.layout import L_HEAD, L_TAIL, S_LOOPS
+from mpevent.processes.sender import mmsg
+from mpevent.shm.layout import L_HEAD, L_TAIL, S_LOOPS
 
 _QLEN_PATH = Path("/proc/sys/net/unix/max_dgram_qlen")
 UNIX_QLEN = int(_QLEN_PATH.read_text()) if _QLEN_PATH.exists() else 10

@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 from conftest import Daemon, UdpSink, free_port, running, wait_for
 
-from mpevent import cli
-from mpevent.cli import (
+from mpevent.api.client import MIClient, MIHttpClient
+from mpevent.tools import cli
+from mpevent.tools.cli import (
     UsageError,
     event_rows,
     format_notification,
@@ -32,7 +33,6 @@ from mpevent.cli import (
     stat_rates,
     subscriber_rows,
 )
-from mpevent.client import MIClient, MIHttpClient
 
 EXPECTED = b'{"jsonrpc":"2.0","method":"E_X","params":{"ip":"1.2.3.4","n":5}}'
 
@@ -257,10 +257,10 @@ def test_help_on_every_subcommand(capsys):
 
 
 def test_demo_gets_the_remaining_arguments(monkeypatch):
-    import mpevent.demo
+    import mpevent.tools.demo
 
     seen = []
-    monkeypatch.setattr(mpevent.demo, "main", lambda argv: seen.append(argv) or 7)
+    monkeypatch.setattr(mpevent.tools.demo, "main", lambda argv: seen.append(argv) or 7)
     assert cli.main(["demo", "--workers", "2", "--help"]) == 7
     assert seen == [["--workers", "2", "--help"]]
 

@@ -14,7 +14,7 @@ import pytest
 from conftest import Daemon, UdpSink, wait_for
 
 import mpevent
-from mpevent.payload import encode_notification
+from mpevent.protocol.payload import encode_notification
 
 
 def _subscribers(d: Daemon, event: str) -> list[str]:

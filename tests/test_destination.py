@@ -1,4 +1,4 @@
-"""Tests for mpevent.destination: parsing, errors, printing, equality."""
+"""Tests for mpevent.protocol.destination: parsing, errors, printing, equality."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mpevent.destination import (
+from mpevent.protocol.destination import (
     SUN_PATH_MAX,
     Destination,
     DestinationError,

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mpevent import EventBus
-from mpevent.destination import DestinationError, parse_destination
+from mpevent.protocol.destination import DestinationError, parse_destination
 
 scalars = (
     st.none()
@@ -113,7 +113,7 @@ def test_parse_destination_with_any_text(text):
 
 
 def test_mi_subscribe_with_hostile_sockets(daemon):
-    from mpevent.client import MICallError
+    from mpevent.api.client import MICallError
 
     daemon.mi("event_publish", ["E_FUZZ"])
     for sock in ["", "\0", "udp:", "udp:[::1", "unix:" + "x" * 5000, "udp:127.0.0.1:99999", "💥"]:
@@ -140,12 +140,14 @@ json_values = st.recursive(
 FUZZ_PER_METHOD = 150
 
 
-@pytest.mark.parametrize("method", sorted(__import__("mpevent.mi", fromlist=["METHODS"]).METHODS))
+@pytest.mark.parametrize(
+    "method", sorted(__import__("mpevent.protocol.mi", fromlist=["METHODS"]).METHODS)
+)
 def test_every_mi_method_with_random_params(method):
     """Arbitrary params: always a JSON-RPC result or error with the request's id."""
     from test_mi import FakeHub
 
-    from mpevent import mi
+    from mpevent.protocol import mi
 
     hub = FakeHub()
     hub.registry.publish("E_A")

@@ -1,6 +1,6 @@
 """The management interface: the pure method table, then the three real transports.
 
-Part 1 drives :func:`mpevent.mi.handle` with a fake hub (a real Registry, a
+Part 1 drives :func:`mpevent.protocol.mi.handle` with a fake hub (a real Registry, a
 fake clock): every method of DESIGN's table, params as an array and as an
 object, the exact result shapes and every JSON-RPC error path, plus a
 property: no input makes it raise or answer something that is not a
@@ -27,11 +27,11 @@ from conftest import DESIGN_METHODS, UdpSink, wait_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mpevent import mi
-from mpevent.destination import parse_destination
-from mpevent.payload import PayloadError
-from mpevent.policy import DestinationPolicy
-from mpevent.registry import NS, Registry
+from mpevent.protocol import mi
+from mpevent.protocol.destination import parse_destination
+from mpevent.protocol.payload import PayloadError
+from mpevent.protocol.policy import DestinationPolicy
+from mpevent.protocol.registry import NS, Registry
 
 # -- part 1: the pure method table ---------------------------------------------
 

@@ -17,9 +17,9 @@ from conftest import SO_RCVBUFFORCE
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mpevent import mmsg
-from mpevent.mmsg import MAX_MESSAGES, Outbox, address_of
-from mpevent.payload import Notification
+from mpevent.processes.sender import mmsg
+from mpevent.processes.sender.mmsg import MAX_MESSAGES, Outbox, address_of
+from mpevent.protocol.payload import Notification
 
 pytestmark = pytest.mark.skipif(not mmsg.AVAILABLE, reason="no sendmmsg in this C library")
 NOTE = Notification("E_TEST")

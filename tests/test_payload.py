@@ -1,4 +1,4 @@
-"""Tests for mpevent.payload: the notification bytes, byte for byte as OpenSIPS sends them.
+"""Tests for mpevent.protocol.payload: the notification bytes, byte for byte as OpenSIPS sends them.
 
 Pure functions only: no processes, no sockets, no shared memory.
 """
@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mpevent.payload import (
+from mpevent.protocol.payload import (
     MAX_DATAGRAM,
     MAX_EVENT_NAME,
     DatagramTooLarge,

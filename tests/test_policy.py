@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 from conftest import Daemon
 
-from mpevent.client import MICallError
-from mpevent.config import ConfigError, load
-from mpevent.destination import parse_destination
-from mpevent.policy import DestinationPolicy, DestinationRefused
+from mpevent.api.client import MICallError
+from mpevent.protocol.config import ConfigError, load
+from mpevent.protocol.destination import parse_destination
+from mpevent.protocol.policy import DestinationPolicy, DestinationRefused
 
 
 @pytest.mark.parametrize(

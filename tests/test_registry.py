@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from mpevent.destination import parse_destination
-from mpevent.registry import NS, Registry, RegistryError
+from mpevent.protocol.destination import parse_destination
+from mpevent.protocol.registry import NS, Registry, RegistryError
 
 A = parse_destination("udp:127.0.0.1:8081")
 B = parse_destination("unix:/tmp/b.sock")

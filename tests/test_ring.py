@@ -1,4 +1,4 @@
-"""Tests for mpevent.ring (one SPSC lane) and mpevent.segment (the shared mapping).
+"""Tests for mpevent.shm.ring (one SPSC lane) and mpevent.shm.segment (the shared mapping).
 
 * a model-based property test of the record framing and wrap-around, on a
   plain ``bytearray`` (no processes);
@@ -29,7 +29,8 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from mpevent.layout import (
+from mpevent.processes.reclaim import LaneReclaimer
+from mpevent.shm.layout import (
     L_CLAIMS,
     L_HEAD,
     L_OWNER_PID,
@@ -39,9 +40,8 @@ from mpevent.layout import (
     Geometry,
     Layout,
 )
-from mpevent.reclaim import LaneReclaimer
-from mpevent.ring import LaneReader, LaneWriter, max_body, record_span
-from mpevent.segment import SHM_DIR, Segment, SegmentError, shm_path
+from mpevent.shm.ring import LaneReader, LaneWriter, max_body, record_span
+from mpevent.shm.segment import SHM_DIR, Segment, SegmentError, shm_path
 
 
 # --- helpers -------------------------------------------------------------------

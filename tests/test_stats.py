@@ -1,9 +1,9 @@
-"""Pure helpers of mpevent.stats: reading an age histogram."""
+"""Pure helpers of mpevent.shm.counters: reading an age histogram."""
 
 from __future__ import annotations
 
-from mpevent.layout import AGE_BUCKETS
-from mpevent.stats import age_bound_us
+from mpevent.shm.counters import age_bound_us
+from mpevent.shm.layout import AGE_BUCKETS
 
 
 def hist(**buckets: int) -> list[int]:

@@ -20,7 +20,7 @@ import orjson
 import pytest
 from conftest import wait_for
 
-from mpevent.segment import SHM_DIR, Segment
+from mpevent.shm.segment import SHM_DIR, Segment
 from workers.sipproxy import SipProxy, parse_request
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -191,7 +191,7 @@ def test_demo_runs_and_leaves_nothing_behind(tmp_path: Path) -> None:
     env = dict(os.environ, TMPDIR=str(tmp_path))
     env.pop("XDG_RUNTIME_DIR", None)  # the demo sets its own for the hub
     done = subprocess.run(
-        [sys.executable, "-m", "mpevent.demo", "--seconds", "2"],
+        [sys.executable, "-m", "mpevent.tools.demo", "--seconds", "2"],
         cwd=ROOT,
         env=env,
         capture_output=True,

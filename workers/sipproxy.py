@@ -60,8 +60,8 @@ import time
 from dataclasses import dataclass
 
 import mpevent
-from mpevent.config import DEFAULT_NAME
-from mpevent.connect import Connection
+from mpevent.api.connect import Connection
+from mpevent.protocol.config import DEFAULT_NAME
 
 log = logging.getLogger("workers.sipproxy")
 

@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
-from .sipproxy import set_rcvbuf
+from mpevent.system import set_rcvbuf
 
 FLOOD_IP = "127.0.0.66"
 METHODS = ("INVITE", "REGISTER", "OPTIONS", "MESSAGE", "SUBSCRIBE", "BYE")

@@ -28,7 +28,7 @@ import pytest
 from conftest import SO_RCVBUFFORCE, wait_for
 
 from mpevent import EventBus
-from mpevent.sender import BATCH
+from mpevent.processes.sender.loop import BATCH
 
 ROUNDS = int(os.environ.get("MPEVENT_CHAOS_ROUNDS", "6"))
 PRODUCERS = 3

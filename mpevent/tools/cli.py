@@ -2,11 +2,11 @@
 
 This module owns the command line: argument parsing, choosing the MI
 address, turning MI results into tables or JSON, and exit codes. It holds no
-MI logic of its own (that is :mod:`mpevent.mi`, reached through
-:mod:`mpevent.client`) and no daemon logic (``serve`` is :mod:`mpevent.daemon`).
+MI logic of its own (that is :mod:`mpevent.protocol.mi`, reached through
+:mod:`mpevent.api.client`) and no daemon logic (``serve`` is :mod:`mpevent.api.daemon`).
 
 ``serve`` runs the daemon. ``listen`` binds a datagram socket and prints the
-notifications that arrive. ``demo`` runs :mod:`mpevent.demo`. Every other
+notifications that arrive. ``demo`` runs :mod:`mpevent.tools.demo`. Every other
 subcommand is one MI call:
 
 ==============================================  ==========================
@@ -27,7 +27,7 @@ else ``udp:127.0.0.1:8080``. ``--json`` prints the hub's MI result unchanged
 Exit codes scripts can rely on: 0 success, 1 the hub answered with an error
 (``error CODE: MESSAGE`` on stderr), 2 usage or configuration error (bad
 arguments, a bad destination or MI address, a socket ``listen`` cannot bind),
-3 no hub answered. ``serve`` keeps its own codes (see :mod:`mpevent.daemon`).
+3 no hub answered. ``serve`` keeps its own codes (see :mod:`mpevent.api.daemon`).
 
 The pure helpers (picking the address, ``KEY=VALUE`` parsing, tables,
 formatting) are kept apart from the I/O so they can be tested without
@@ -49,8 +49,8 @@ from typing import Any
 
 import orjson
 
-from .client import MICallError, MIClient, MIHttpClient, MIUnavailable
-from .destination import Destination, DestinationError, parse_destination
+from mpevent.api.client import MICallError, MIClient, MIHttpClient, MIUnavailable
+from mpevent.protocol.destination import Destination, DestinationError, parse_destination
 
 EXIT_OK, EXIT_CALL_ERROR, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
 DEFAULT_MI_UDP = "udp:127.0.0.1:8080"
@@ -336,7 +336,7 @@ class _MI:
 
 
 def _default_socket() -> Path:
-    from .config import runtime_dir
+    from mpevent.protocol.config import runtime_dir
 
     return runtime_dir() / "mpevent.sock"
 
@@ -464,7 +464,7 @@ def _bind_listener(dest: Destination) -> tuple[socket.socket, Path | None]:
     """Bind ``dest``; returns the socket and the UNIX socket file it created."""
     created = None
     if dest.family == socket.AF_UNIX and not dest.host.startswith("\0"):
-        from .hub import SocketInUse, claim_socket_path
+        from mpevent.processes.hub import SocketInUse, claim_socket_path
 
         created = Path(dest.host)
         try:
@@ -532,19 +532,19 @@ def _delegate(main: Callable[[list[str]], int], argv: list[str]) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import main as demo_main
+    from mpevent.tools.demo import main as demo_main
 
     return _delegate(demo_main, args.args)
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from .bench import main as bench_main
+    from mpevent.tools.bench import main as bench_main
 
     return _delegate(bench_main, args.args)
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .daemon import serve
+    from mpevent.api.daemon import serve
 
     overrides = {
         "segment.name": args.name,

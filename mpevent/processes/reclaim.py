@@ -1,7 +1,7 @@
 """Reclaiming the lanes of producers that died, with their counters made exact.
 
 A producer killed at any instruction leaves its lane consistent (see
-:mod:`mpevent.ring`), but it may have died between publishing a record and
+:mod:`mpevent.shm.ring`), but it may have died between publishing a record and
 counting it as enqueued: the record is delivered, the count is one short.
 So a dead producer's lane is not handed to a new producer at once. The hub
 runs :meth:`LaneReclaimer.scan` in its loop, which for each such lane:
@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from .layout import (
+from mpevent.shm.layout import (
     C_TAKEN,
     H_EVENT_COUNT,
     H_REPAIRED,
@@ -32,7 +32,7 @@ from .layout import (
     L_TAIL,
     P_ENQUEUED,
 )
-from .segment import Segment
+from mpevent.shm.segment import Segment
 
 log = logging.getLogger("mpevent.reclaim")
 

@@ -21,8 +21,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from .connect import NotServing, connect
-from .segment import shm_path
+from mpevent.api.connect import NotServing, connect
+from mpevent.shm.segment import shm_path
 
 PR_SET_PDEATHSIG = 1
 

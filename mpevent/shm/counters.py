@@ -19,7 +19,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .layout import (
+from mpevent.protocol.registry import Snapshot
+from mpevent.shm.layout import (
     AGE_BUCKETS,
     CONSUMER_COUNTERS,
     D_ID,
@@ -31,9 +32,8 @@ from .layout import (
     S_AGE_MAX,
     S_LOOPS,
 )
-from .registry import Snapshot
-from .segment import Segment
-from .table import event_names, read_snapshot
+from mpevent.shm.segment import Segment
+from mpevent.shm.table import event_names, read_snapshot
 
 EVENT_COUNTERS = ("raised", *PRODUCER_COUNTERS, *CONSUMER_COUNTERS)
 

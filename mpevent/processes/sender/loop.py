@@ -7,12 +7,12 @@ lane has exactly one consumer. Per loop it:
 2. takes a batch of records from each lane (one stretch, copied out at
    once), describes each event's datagram once as pieces, and sends the
    batch to every subscriber with one ``sendmmsg`` per destination
-   (:mod:`mpevent.mmsg`); it counts how long the batch's oldest record
+   (:mod:`mpevent.processes.sender.mmsg`); it counts how long the batch's oldest record
    waited;
 3. flushes backlogs of subscribers that became writable;
 4. stores its counters in the segment and publishes the lanes' ``head``;
 5. naps, then sleeps on its doorbell, when there was nothing to do
-   (bounded, see :mod:`mpevent.wakeup`).
+   (bounded, see :mod:`mpevent.shm.doorbell`).
 
 Sends are non-blocking on connected sockets, one per destination. A
 connected socket reports ECONNREFUSED (UDP port closed, UNIX listener gone)
@@ -34,8 +34,12 @@ import time
 from collections import Counter, deque
 from collections.abc import Sequence
 
-from . import mmsg
-from .layout import (
+from mpevent.processes.sender import mmsg
+from mpevent.processes.sender.mmsg import INTS_PER_MESSAGE, STRETCH_BYTES, Outbox, address_of
+from mpevent.protocol.payload import MAX_DATAGRAM, Notification
+from mpevent.protocol.registry import Route
+from mpevent.shm.doorbell import MAX_SLEEP, Doorbell
+from mpevent.shm.layout import (
     AGE_BUCKETS,
     C_DISPATCHED,
     C_LOST,
@@ -60,13 +64,9 @@ from .layout import (
     S_SLEEPING,
     STATE_RUNNING,
 )
-from .mmsg import INTS_PER_MESSAGE, STRETCH_BYTES, Outbox, address_of
-from .payload import MAX_DATAGRAM, Notification
-from .registry import Route
-from .ring import LaneReader
-from .segment import Segment
-from .table import event_names, read_snapshot, table_generation
-from .wakeup import MAX_SLEEP, Doorbell
+from mpevent.shm.ring import LaneReader
+from mpevent.shm.segment import Segment
+from mpevent.shm.table import event_names, read_snapshot, table_generation
 
 log = logging.getLogger("mpevent.sender")
 
@@ -311,7 +311,7 @@ class LaneBatch:
     def __init__(self, outbox: Outbox, notes: list[Notification]):
         self.outbox = outbox
         self.notes = notes
-        self.pieces: list[int] = []  # six per message: see mpevent.mmsg
+        self.pieces: list[int] = []  # six per message: see mpevent.processes.sender.mmsg
         self.sizes: list[int] = []  # datagram bytes, per message
         self.bodies: list[tuple[int, int, int]] = []  # (event id, offset, length) per message
 

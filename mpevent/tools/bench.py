@@ -1,6 +1,6 @@
 """Benchmark: mpevent side by side with the other ways to get events out of workers.
 
-Run with ``python -m mpevent.bench`` (``--quick`` for a CI smoke run under a
+Run with ``python -m mpevent.tools.bench`` (``--quick`` for a CI smoke run under a
 minute, ``--json [FILE]`` for the figures as JSON, ``--plot FILE.png`` for a
 chart). Everything is measured in the same run, with the same payload
 (:data:`PARAMS`), and reported as ratios too: the machine is shared and noisy,
@@ -44,7 +44,7 @@ The optional pipelines and the chart need ``pip install 'mpevent[bench]'``
 
 The module keeps the pure helpers (percentiles, verdicts, formatting,
 tables) apart from the parts that run processes; ``main(argv)`` and
-``build_parser()`` are the entry points (``python -m mpevent.bench`` and the
+``build_parser()`` are the entry points (``python -m mpevent.tools.bench`` and the
 ``mpevent bench`` command).
 """
 
@@ -74,8 +74,8 @@ from typing import Any
 import orjson
 import psutil
 
-from .bus import EventBus
-from .stats import age_bound_us
+from mpevent.api.bus import EventBus
+from mpevent.shm.counters import age_bound_us
 
 EVENT = "E_SIP_REQUEST"
 PARAMS = {"method": "INVITE", "from": "sip:alice@example.com", "source": "127.0.0.1:5060", "seq": 0}
@@ -1860,7 +1860,7 @@ def optional_module(name: str) -> Any:
 
 
 def build_parser(
-    prog: str = "python -m mpevent.bench", add_help: bool = True
+    prog: str = "python -m mpevent.tools.bench", add_help: bool = True
 ) -> argparse.ArgumentParser:
     """The benchmark's options (``add_help=False`` to use it as a parent parser)."""
     parser = argparse.ArgumentParser(

@@ -2,7 +2,7 @@
 
 A :class:`Producer` lives in every process that maps the segment. The first
 ``raise_event`` in a process claims a lane (a kernel-released record lock,
-see :mod:`mpevent.segment`); after ``os.fork`` the child forgets the
+see :mod:`mpevent.shm.segment`); after ``os.fork`` the child forgets the
 parent's lane and claims its own on its first raise, with no call needed
 from the application (``os.register_at_fork``, no ``getpid()`` per call).
 
@@ -30,7 +30,16 @@ from typing import Any
 
 import orjson
 
-from .layout import (
+from mpevent.protocol.payload import (
+    MAX_DATAGRAM,
+    DatagramTooLarge,
+    PayloadError,
+    check_event_name,
+    encode_params,
+    params_prefix,
+)
+from mpevent.shm.doorbell import Doorbell
+from mpevent.shm.layout import (
     H_HUB_PID,
     HUB_GONE,
     P_DROPPED,
@@ -40,18 +49,9 @@ from .layout import (
     P_REJECTED,
     S_SLEEPING,
 )
-from .payload import (
-    MAX_DATAGRAM,
-    DatagramTooLarge,
-    PayloadError,
-    check_event_name,
-    encode_params,
-    params_prefix,
-)
-from .ring import LaneWriter, max_body
-from .segment import Segment
-from .table import event_names
-from .wakeup import Doorbell
+from mpevent.shm.ring import LaneWriter, max_body
+from mpevent.shm.segment import Segment
+from mpevent.shm.table import event_names
 
 _NO_LANE_RETRY_NS = 1_000_000_000
 _HEALTH_CHECK_NS = 500_000_000
@@ -170,7 +170,7 @@ class Producer:
                 return False
             return self._count_no_subscriber(counters)
         if subscribers >= HUB_GONE:
-            return self._hub_down()  # the hub stopped: see mpevent.table.clear_counts
+            return self._hub_down()  # the hub stopped: see mpevent.shm.table.clear_counts
         if params.__class__ is dict and params:  # the common case, inlined
             try:
                 body = _dumps(params)

@@ -3,7 +3,7 @@
 :func:`connect` maps the daemon's named segment and returns a
 :class:`Connection` with the same ``publish_event`` and ``raise_event`` as
 :class:`~mpevent.EventBus`. The fast path is the same code (a
-:class:`~mpevent.producer.Producer`), so raising costs the same.
+:class:`~mpevent.processes.producer.Producer`), so raising costs the same.
 
 When the daemon stops or dies, raising never raises into the caller and
 never blocks: a stopped hub has cleared every subscriber count, so calls
@@ -23,14 +23,14 @@ import time
 import weakref
 from typing import Any
 
-from . import stats
-from .client import MICallError, MIClient, MIUnavailable
-from .config import DEFAULT_NAME
-from .layout import H_STATE, STATE_RUNNING
-from .producer import Producer
-from .segment import Segment, SegmentError, shm_path
-from .table import read_info
-from .wakeup import Doorbell
+from mpevent.api.client import MICallError, MIClient, MIUnavailable
+from mpevent.processes.producer import Producer
+from mpevent.protocol.config import DEFAULT_NAME
+from mpevent.shm import counters as stats
+from mpevent.shm.doorbell import Doorbell
+from mpevent.shm.layout import H_STATE, STATE_RUNNING
+from mpevent.shm.segment import Segment, SegmentError, shm_path
+from mpevent.shm.table import read_info
 
 log = logging.getLogger("mpevent.connect")
 

@@ -6,7 +6,7 @@ The hub is the only writer of these regions, so they need no lock:
   the name, so a reader that sees the count sees the name;
 * **subscriber counts** per event: the producers' "anyone listening?" probe,
   one 8-byte load;
-* **the subscription table**: a msgpack :class:`~mpevent.registry.Snapshot`
+* **the subscription table**: a msgpack :class:`~mpevent.protocol.registry.Snapshot`
   behind a sequence lock. The hub makes the generation odd, writes, makes it
   even; a reader copies the blob and keeps it only if the generation was even
   and unchanged across the copy. A hub killed mid-write leaves it odd:
@@ -17,9 +17,16 @@ from __future__ import annotations
 
 import msgspec
 
-from .layout import EVENT_NAME_BYTES, H_EVENT_COUNT, H_TABLE_GEN, HUB_GONE, INFO_AT, INFO_BYTES
-from .registry import Registry, Snapshot
-from .segment import Segment
+from mpevent.protocol.registry import Registry, Snapshot
+from mpevent.shm.layout import (
+    EVENT_NAME_BYTES,
+    H_EVENT_COUNT,
+    H_TABLE_GEN,
+    HUB_GONE,
+    INFO_AT,
+    INFO_BYTES,
+)
+from mpevent.shm.segment import Segment
 
 _decode_snapshot = msgspec.msgpack.Decoder(Snapshot).decode
 _encode = msgspec.msgpack.Encoder().encode

@@ -17,7 +17,7 @@ from typing import Any
 
 import orjson
 
-from .destination import Destination, parse_destination
+from mpevent.protocol.destination import Destination, parse_destination
 
 _ids = itertools.count(1)
 MAX_REPLY = 1 << 20

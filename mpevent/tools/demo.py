@@ -1,6 +1,6 @@
 """The demo: a SIP-like proxy raising events through a real ``mpevent serve``.
 
-``python -m mpevent.demo`` (what ``make demo`` runs; ``mpevent demo`` too)
+``python -m mpevent.tools.demo`` (what ``make demo`` runs; ``mpevent demo`` too)
 needs no configuration. It plays every part of a deployment on loopback:
 
 * the **hub**: ``python -m mpevent serve`` with a segment name of its own
@@ -40,8 +40,8 @@ from typing import Any
 
 import orjson
 
-from .private import PrivateHub, die_with_parent, short_tmpdir
-from .segment import shm_path
+from mpevent.shm.segment import shm_path
+from mpevent.tools.private import PrivateHub, die_with_parent, short_tmpdir
 
 EVENTS = ("E_SIP_REQUEST", "E_PIKE_BLOCKED")
 # Shared counter words per child (single writer each): subscriber i at

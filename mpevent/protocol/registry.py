@@ -24,8 +24,8 @@ from collections.abc import Iterator
 
 import msgspec
 
-from .destination import Destination
-from .payload import check_event_name
+from mpevent.protocol.destination import Destination
+from mpevent.protocol.payload import check_event_name
 
 DEFAULT_EXPIRE = 3600
 NS = 1_000_000_000

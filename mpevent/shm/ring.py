@@ -48,7 +48,7 @@ import sys
 import threading
 from collections.abc import Iterator
 
-from .layout import (
+from mpevent.shm.layout import (
     FLAG_WRAP,
     L_HEAD,
     L_TAIL,

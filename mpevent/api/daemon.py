@@ -25,14 +25,14 @@ from pathlib import Path
 
 import psutil
 
-from .config import ConfigError, ServeConfig, load
-from .destination import Destination
-from .hub import Hub, HubOptions, SocketInUse, bind_datagram
-from .layout import H_HUB_PID, H_STATE, STATE_STOPPED
-from .mihttp import HttpMI
-from .segment import Segment, SegmentError, shm_path
-from .table import write_info
-from .wakeup import Doorbell
+from mpevent.api.mihttp import HttpMI
+from mpevent.processes.hub import Hub, HubOptions, SocketInUse, bind_datagram
+from mpevent.protocol.config import ConfigError, ServeConfig, load
+from mpevent.protocol.destination import Destination
+from mpevent.shm.doorbell import Doorbell
+from mpevent.shm.layout import H_HUB_PID, H_STATE, STATE_STOPPED
+from mpevent.shm.segment import Segment, SegmentError, shm_path
+from mpevent.shm.table import write_info
 
 log = logging.getLogger("mpevent.serve")
 

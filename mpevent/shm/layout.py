@@ -121,7 +121,7 @@ D_ID = 7  # id of the subscription these counters belong to
 DEST_COUNTERS = ("routed", "sent", "bytes", "failed", "dropped", "econnrefused", "enoent")
 
 # Record header in a lane: two words, length | event_id << 32 | flags << 48,
-# and the raise time in ns (see mpevent.ring).
+# and the raise time in ns (see mpevent.shm.ring).
 RECORD_HEADER_BYTES = 16
 FLAG_WRAP = 1  # the rest of the lane is padding, the next record is at 0
 

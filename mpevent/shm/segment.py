@@ -1,6 +1,6 @@
 """The shared-memory segment: create, attach, map, claim lanes, remove.
 
-Two kinds of segment, one layout (:mod:`mpevent.layout`):
+Two kinds of segment, one layout (:mod:`mpevent.shm.layout`):
 
 * **anonymous** (embedded mode): a ``memfd`` that only processes forked from
   its creator can see. It has no name, so nothing can be left in
@@ -33,7 +33,7 @@ import time
 import weakref
 from pathlib import Path
 
-from .layout import (
+from mpevent.shm.layout import (
     H_CREATED_NS,
     H_LANE_SIZE,
     H_LANES,
@@ -192,7 +192,7 @@ class Segment:
         A lane is free when nobody holds its lock *and* its owner word is 0.
         A lane whose owner died still names that owner until the hub has
         let its sender drain it and made its counters add up
-        (:mod:`mpevent.reclaim`); until then it is skipped.
+        (:mod:`mpevent.processes.reclaim`); until then it is skipped.
         """
         for lane in range(self.layout.geometry.lanes):
             if lane in self.claimed or lane in self.held:

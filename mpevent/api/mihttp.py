@@ -18,7 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import orjson
 
-from . import mi
+from mpevent.protocol import mi
 
 log = logging.getLogger("mpevent.mi.http")
 

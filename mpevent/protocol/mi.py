@@ -20,10 +20,10 @@ from typing import Any, Protocol
 
 import orjson
 
-from .destination import DestinationError, parse_destination
-from .payload import PayloadError
-from .policy import DestinationPolicy, DestinationRefused
-from .registry import DEFAULT_EXPIRE, Registry, RegistryError
+from mpevent.protocol.destination import DestinationError, parse_destination
+from mpevent.protocol.payload import PayloadError
+from mpevent.protocol.policy import DestinationPolicy, DestinationRefused
+from mpevent.protocol.registry import DEFAULT_EXPIRE, Registry, RegistryError
 
 log = logging.getLogger("mpevent.mi")
 

@@ -22,16 +22,16 @@ import time
 import weakref
 from typing import Any
 
-from . import stats
-from .client import MICallError, MIClient, MIUnavailable
-from .destination import parse_destination
-from .hub import Hub, HubOptions, bind_datagram, keep_only_fds
-from .layout import H_STATE, STATE_RUNNING, Geometry
-from .policy import DestinationPolicy
-from .producer import Producer
-from .segment import Segment
-from .sender import DEFAULT_BACKLOG
-from .wakeup import Doorbell
+from mpevent.api.client import MICallError, MIClient, MIUnavailable
+from mpevent.processes.hub import Hub, HubOptions, bind_datagram, keep_only_fds
+from mpevent.processes.producer import Producer
+from mpevent.processes.sender.loop import DEFAULT_BACKLOG
+from mpevent.protocol.destination import parse_destination
+from mpevent.protocol.policy import DestinationPolicy
+from mpevent.shm import counters as stats
+from mpevent.shm.doorbell import Doorbell
+from mpevent.shm.layout import H_STATE, STATE_RUNNING, Geometry
+from mpevent.shm.segment import Segment
 
 log = logging.getLogger("mpevent")
 

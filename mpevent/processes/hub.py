@@ -3,8 +3,8 @@
 One loop, in one process. Signals only append to a queue and wake the loop
 through a pipe (``signal.set_wakeup_fd``); the loop then:
 
-* answers MI requests on its datagram sockets (:mod:`mpevent.mi`);
-* publishes registry changes to the segment (:mod:`mpevent.table`) and rings
+* answers MI requests on its datagram sockets (:mod:`mpevent.protocol.mi`);
+* publishes registry changes to the segment (:mod:`mpevent.shm.table`) and rings
   the senders so they reload at once;
 * expires subscriptions on time;
 * reaps senders that died and starts new ones (they resume their lanes from
@@ -35,9 +35,17 @@ from typing import Any
 
 import psutil
 
-from . import mi, stats, table
-from .destination import Destination, parse_destination
-from .layout import (
+from mpevent.processes.producer import Producer
+from mpevent.processes.reclaim import LaneReclaimer
+from mpevent.processes.sender.loop import DEFAULT_BACKLOG, Sender
+from mpevent.protocol import mi
+from mpevent.protocol.destination import Destination, parse_destination
+from mpevent.protocol.policy import DestinationPolicy, DestinationRefused
+from mpevent.protocol.registry import Registry
+from mpevent.shm import counters as stats
+from mpevent.shm import table
+from mpevent.shm.doorbell import Doorbell
+from mpevent.shm.layout import (
     H_DRAIN_DEADLINE_NS,
     H_HUB_PID,
     H_STATE,
@@ -46,13 +54,7 @@ from .layout import (
     STATE_STOPPED,
     STATE_STOPPING,
 )
-from .policy import DestinationPolicy, DestinationRefused
-from .producer import Producer
-from .reclaim import LaneReclaimer
-from .registry import Registry
-from .segment import Segment
-from .sender import DEFAULT_BACKLOG, Sender
-from .wakeup import Doorbell
+from mpevent.shm.segment import Segment
 
 log = logging.getLogger("mpevent.hub")
 

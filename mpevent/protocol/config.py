@@ -40,10 +40,10 @@ from pathlib import Path
 
 import msgspec
 
-from .destination import DestinationError, parse_destination
-from .layout import Geometry
-from .payload import check_event_name
-from .policy import DestinationPolicy, DestinationRefused
+from mpevent.protocol.destination import DestinationError, parse_destination
+from mpevent.protocol.payload import check_event_name
+from mpevent.protocol.policy import DestinationPolicy, DestinationRefused
+from mpevent.shm.layout import Geometry
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 DEFAULT_NAME = "mpevent"

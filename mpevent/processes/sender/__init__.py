@@ -1,0 +1,1 @@
+"""A sender worker process: lanes in, datagrams out."""
