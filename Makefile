@@ -1,13 +1,15 @@
-# Every target creates or reuses .venv and installs what it needs: nothing is
-# expected to be installed by hand.
+# Every target creates or reuses its virtual environment and installs what it
+# needs: nothing is expected to be installed by hand.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 LOAD_STAMP := $(VENV)/.installed-load
 BENCH_STAMP := $(VENV)/.installed-bench
+# PYTEST_ARGS="-x tests/test_ring.py" narrows `make test` and `make suite`.
+PYTEST_ARGS ?=
 
-.PHONY: demo test chaos bench loadtest lint format clean
+.PHONY: demo test suite chaos bench loadtest lint format clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,10 +20,46 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python -m mpevent.tools.demo
 
-test: $(STAMP)
-	$(BIN)/ruff check .
-	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest -q
+# `make test`: ruff once, then the suite on every supported CPython this
+# machine has: $(PYTHON) in .venv, each other supported X.Y in .venv-X.Y
+# (created and installed by `make suite` like .venv). The supported versions
+# are the classifiers in pyproject.toml; interpreters are looked for on PATH,
+# then under pyenv, newest patch release first. One that does not run (a
+# pyenv shim for a version that is not selected), is not CPython, is a
+# free-threaded build or cannot create a venv is passed over. Every suite
+# runs even when one fails; the exit status says whether all passed.
+SUPPORTED = $(shell sed -n 's/^ *"Programming Language :: Python :: \(3\.[0-9][0-9]*\)",*$$/\1/p' pyproject.toml)
+PROBE = import sys, sysconfig, venv, ensurepip; \
+  sys.exit(sys.implementation.name != "cpython" or sysconfig.get_config_var("Py_GIL_DISABLED") \
+           or "%d.%d" % sys.version_info[:2] != sys.argv[1])
+# X.Y=interpreter for each supported version but the default venv's one.
+define OTHER_PYTHONS
+default=$$($(BIN)/python -c 'import sys; print("%d.%d" % sys.version_info[:2])'); \
+for v in $(SUPPORTED); do \
+  [ "$$v" = "$$default" ] && continue; found=; \
+  for p in $$(IFS=:; for d in $$PATH; do echo "$$d/python$$v"; done) \
+           $$(ls -d "$${PYENV_ROOT:-$$HOME/.pyenv}"/versions/*/bin/python$$v 2>/dev/null | sort -rV); do \
+    if [ -x "$$p" ] && "$$p" -c '$(PROBE)' "$$v" >/dev/null 2>&1; then echo "$$v=$$p"; found=1; break; fi; \
+  done; \
+  [ -n "$$found" ] || echo "make test: no working CPython $$v found (PATH, pyenv): not tested on it" >&2; \
+done
+endef
+
+test: lint $(STAMP)
+	@status=0; failed=; \
+	for vp in default $$($(OTHER_PYTHONS)); do \
+	  if [ "$$vp" = default ]; then args=; label="$$($(BIN)/python -V) in $(VENV)"; \
+	  else args="VENV=.venv-$${vp%%=*} PYTHON=$${vp#*=}"; label="$${vp#*=} in .venv-$${vp%%=*}"; fi; \
+	  echo "== make test: $$label"; \
+	  $(MAKE) --no-print-directory suite $$args PYTEST_ARGS='$(PYTEST_ARGS)' \
+	    || { status=1; failed="$$failed $$label;"; }; \
+	done; \
+	if [ $$status -ne 0 ]; then echo "make test: the suite failed on$$failed" >&2; fi; \
+	exit $$status
+
+# The suite on one interpreter: .venv, or VENV=.venv-X.Y PYTHON=/path/to/pythonX.Y.
+suite: $(STAMP)
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 # The chaos suite at length: many rounds of SIGKILL under load, with figures.
 chaos: $(STAMP)
@@ -56,4 +94,4 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .venv-* build *.egg-info .pytest_cache .ruff_cache .hypothesis

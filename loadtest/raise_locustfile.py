@@ -19,7 +19,9 @@ False (lane full: dropped; or nobody subscribed). Users pace themselves with
 
 Locust's tables print whole milliseconds, so at the end the master also
 prints the raise_event duration in microseconds and the lane of every locust
-process (each worker sends its histogram with its stats reports).
+process (each worker sends its histogram with its stats reports; the
+percentiles of the histograms are :func:`mpevent.tools.report.percentile`'s,
+as the benchmark's).
 
 Configuration: ``MPEVENT_NAME`` (environment, read at import: the segment of
 the ``mpevent serve`` to attach to, default ``mpevent``); ``--raise-rate``
@@ -38,6 +40,7 @@ from locust import User, constant_throughput, events, stats, task
 from locust.runners import MasterRunner, WorkerRunner
 
 import mpevent
+from mpevent.tools.report import percentile
 
 NAME = os.environ.get("MPEVENT_NAME", "mpevent")
 EVENT = "E_LOAD"
@@ -160,17 +163,6 @@ def _worker_report(client_id: str, data: dict[str, Any]) -> None:
         row["hist"][key] = row["hist"].get(key, 0) + count
 
 
-def _pct(hist: dict[int, int], q: float) -> int:
-    total = sum(hist.values())
-    want = q * total
-    seen = 0
-    for key in sorted(hist):
-        seen += hist[key]
-        if seen >= want:
-            return key
-    return max(hist)
-
-
 @events.quitting.add_listener
 def _summary(environment, **kwargs) -> None:
     runner = environment.runner
@@ -195,13 +187,13 @@ def _summary(environment, **kwargs) -> None:
         if hist:
             lines.append(
                 f"  pid {pid:>7}  lane {row['lane']:>2}  enqueued {row['ok']:>9,}  "
-                f"failed {row['failed']:>7,}  p50 {_pct(hist, 0.5) / 1e3:7.1f}  "
-                f"p99 {_pct(hist, 0.99) / 1e3:7.1f}  max {max(hist) / 1e3:8.1f}"
+                f"failed {row['failed']:>7,}  p50 {percentile(hist, 50) / 1e3:7.1f}  "
+                f"p99 {percentile(hist, 99) / 1e3:7.1f}  max {max(hist) / 1e3:8.1f}"
             )
     if merged:
         lines.append(
             f"  all         {len(rows)} processes              "
-            f"p50 {_pct(merged, 0.5) / 1e3:7.1f}  p99 {_pct(merged, 0.99) / 1e3:7.1f}  "
+            f"p50 {percentile(merged, 50) / 1e3:7.1f}  p99 {percentile(merged, 99) / 1e3:7.1f}  "
             f"max {max(merged) / 1e3:8.1f}"
         )
     lanes = [row["lane"] for row in rows.values() if row["lane"] >= 0]

@@ -8,7 +8,7 @@ It plays every part on loopback, in this order, and tears all of it down:
    does), so it never meets a real ``mpevent serve``;
 2. loadtest/sink.py, subscribed with a UDP and a UNIX socket to ``E_LOAD``,
    ``E_SIP_REQUEST`` and ``E_PIKE_BLOCKED``;
-3. ``python -m workers.sipproxy``, the SIP-proxy-like prefork server whose
+3. ``python -m mpevent.workers.sipproxy``, the SIP-proxy-like prefork server whose
    forked children raise ``E_SIP_REQUEST``;
 4. ``locust -f loadtest/sip_locustfile.py --headless --processes N``: SIP-like
    UDP requests to the proxy (``--sip-time``, 15 s by default);
@@ -47,7 +47,8 @@ from pathlib import Path
 import psutil
 
 from mpevent.shm.segment import shm_path
-from mpevent.tools.private import PrivateHub, die_with_parent, free_port, short_tmpdir
+from mpevent.system import Supervised, free_port
+from mpevent.tools.private import PrivateHub, short_tmpdir
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -56,60 +57,6 @@ EVENTS = "E_LOAD,E_SIP_REQUEST,E_PIKE_BLOCKED"
 
 def say(text: str) -> None:
     print(f"loadtest: {text}", flush=True)
-
-
-class Proc:
-    """A child process started by this script; stopped with a signal, then SIGKILL."""
-
-    def __init__(self, label: str, args: list[str], env: dict[str, str], log: Path | None):
-        self.label = label
-        self.log_path = log
-        out = open(log, "ab") if log is not None else None  # noqa: SIM115 - closed below
-        try:
-            self.proc = subprocess.Popen(
-                args,
-                cwd=ROOT,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT if out is not None else None,
-                preexec_fn=die_with_parent,
-            )
-        finally:
-            if out is not None:
-                out.close()
-        self.returncode: int | None = None
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def stop(
-        self, sig: int = signal.SIGTERM, timeout: float = 30.0, grace: float = 0.0
-    ) -> int | None:
-        """Wait ``grace`` seconds for it to exit by itself, then signal it; idempotent."""
-        if self.returncode is None:
-            if grace > 0:
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    self.proc.wait(grace)
-            if self.proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    self.proc.send_signal(sig)
-                try:
-                    self.proc.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    say(f"{self.label} did not stop within {timeout:g} s; killing it")
-                    self.proc.kill()
-                    self.proc.wait()
-            self.returncode = self.proc.returncode
-        return self.returncode
-
-    def log(self) -> str:
-        if self.log_path is None:
-            return ""
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
 
 
 # -- the parts ----------------------------------------------------------------
@@ -124,7 +71,7 @@ def start_hub(tmp: Path, name: str, senders: int, lane_size: int | None) -> Priv
     return hub
 
 
-def start_sink(tmp: Path, name: str, env: dict[str, str], drain: float) -> Proc:
+def start_sink(tmp: Path, name: str, env: dict[str, str], drain: float) -> Supervised:
     ready = tmp / "sink.ready"
     args = [
         sys.executable, str(HERE / "sink.py"),
@@ -136,7 +83,7 @@ def start_sink(tmp: Path, name: str, env: dict[str, str], drain: float) -> Proc:
         "--drain-timeout", str(drain),
         "--ready-file", str(ready),
     ]  # fmt: skip
-    sink = Proc("sink", args, env, None)  # its summary goes straight to our stdout
+    sink = Supervised("sink", args, env=env, cwd=ROOT)  # its summary goes straight to our stdout
     deadline = time.monotonic() + 20.0
     while not ready.exists():
         if not sink.alive() or time.monotonic() > deadline:
@@ -172,11 +119,11 @@ def probe_proxy(port: int, timeout: float) -> bool:
 
 def start_proxy(
     tmp: Path, name: str, env: dict[str, str], workers: int, pike_limit: int
-) -> tuple[Proc, int]:
+) -> tuple[Supervised, int]:
     for _attempt in range(3):
         port = free_port()
         args = [
-            sys.executable, "-m", "workers.sipproxy",
+            sys.executable, "-m", "mpevent.workers.sipproxy",
             "--name", name,
             "--workers", str(workers),
             "--host", "127.0.0.1",
@@ -184,7 +131,7 @@ def start_proxy(
             "--pike-limit", str(pike_limit),
             "--log-level", "warning",
         ]  # fmt: skip
-        proxy = Proc("sipproxy", args, env, tmp / "sipproxy.log")
+        proxy = Supervised("sipproxy", args, env=env, cwd=ROOT, log=tmp / "sipproxy.log")
         if probe_proxy(port, 20.0):
             return proxy, port
         proxy.stop()
@@ -200,7 +147,7 @@ def run_locust(
     seconds: float,
     env: dict[str, str],
     csv_prefix: Path,
-    running: list[Proc],
+    running: list[Supervised],
 ) -> tuple[int | None, dict[str, str]]:
     port = free_port(socket.SOCK_STREAM)
     cmd = [
@@ -222,7 +169,7 @@ def run_locust(
     ]  # fmt: skip
     print(f"\n== locust: {title} ==", flush=True)
     print("   " + " ".join(["locust", *cmd[3:]]), flush=True)
-    proc = Proc("locust", cmd, env, None)
+    proc = Supervised("locust", cmd, env=env, cwd=ROOT)
     running.append(proc)  # so that an interrupted run still waits for it
     try:
         proc.proc.wait(seconds + 120)
@@ -300,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = tmp / "run"
     env = dict(os.environ, XDG_RUNTIME_DIR=str(run_dir), MPEVENT_NAME=name)
     hub = sink = proxy = None
-    locusts: list[Proc] = []
+    locusts: list[Supervised] = []
     results: list[tuple[str, int | None, dict[str, str]]] = []
     sink_code = hub_code = None
     hub_log = ""

@@ -7,14 +7,16 @@ JSON-RPC 2.0 notification in OpenSIPS's byte layout; it is counted per
 subscriber and event, and its raise-to-receive latency is ``now -
 params["t"]`` (both ``time.monotonic_ns()``, one clock for the whole host).
 ``E_LOAD`` events also carry ``pid`` and ``seq`` (a counter per raising
-process): they must arrive in the order raised, per process (guarantee 6).
+process): events from one process must arrive in the order it raised them.
 
 On stop it drains: it waits, up to ``--drain-timeout``, until every
 subscriber has received every event the hub enqueued since the sink started
 (the hub's exact counters, read from the segment). Then it prints the
 summary and exits 0 when nothing is missing that the hub did not count
 itself (a destination's send failures and backlog drops), nothing was
-malformed and nothing arrived out of order; 1 otherwise.
+malformed and nothing arrived out of order; 1 otherwise. Latency
+percentiles are :func:`mpevent.tools.report.percentile`'s, as the
+benchmark's.
 
 Run it by hand (from the repository root, with the venv's python)::
 
@@ -34,6 +36,7 @@ import signal
 import socket
 import sys
 import tempfile
+import textwrap
 import time
 from array import array
 from collections import defaultdict
@@ -43,19 +46,12 @@ from typing import Any
 import orjson
 
 import mpevent
+from mpevent.system import set_rcvbuf
+from mpevent.tools.report import fmt_ms, fmt_num, format_table, summarize
 
 DEFAULT_EVENTS = ("E_LOAD", "E_SIP_REQUEST", "E_PIKE_BLOCKED")
 PREFIX = b'{"jsonrpc":"2.0","method":"'
-RCVBUF = 16 << 20
-SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)  # Linux; not exported by 3.11
-
-
-def set_rcvbuf(sock: socket.socket, size: int) -> None:
-    """A big receive buffer, past ``rmem_max`` when we may (root)."""
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, size)
-    except OSError:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+RCVBUF = 16 << 20  # a big receive buffer, past rmem_max when we may (root)
 
 
 class Subscriber:
@@ -188,18 +184,8 @@ def caught_up(conn: mpevent.Connection, subs, events, base) -> bool:
 # -- the report ---------------------------------------------------------------
 
 
-def percentile(ordered: list[int], q: float) -> int | None:
-    if not ordered:
-        return None
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-def ms(ns: int | None) -> str:
-    return "-" if ns is None else f"{ns / 1e6:.3f} ms"
-
-
-def n(value: int) -> str:
-    return f"{value:,}"
+def indent(table: str) -> str:
+    return textwrap.indent(table, "  ")
 
 
 def report(
@@ -213,26 +199,16 @@ def report(
 ) -> tuple[bool, str]:
     """The summary text and whether the run passes."""
     out = [f"sink: summary after {elapsed:.1f} s (drain {drained:.2f} s)"]
-    out.append(
-        f"  {'event':<16} {'enqueued':>10} {'ring-dropped':>13} {'rejected':>9} "
-        f"{'no-subscriber':>14}"
-    )
-    for e in events:
-        c = delta[e]
-        out.append(
-            f"  {e:<16} {n(c['enqueued']):>10} {n(c['dropped']):>13} {n(c['rejected']):>9} "
-            f"{n(c['no_subscriber']):>14}"
-        )
+    counters = ("enqueued", "dropped", "rejected", "no_subscriber")
+    rows = [[e, *(fmt_num(delta[e][k]) for k in counters)] for e in events]
+    headers = ["event", "enqueued", "ring-dropped", "rejected", "no-subscriber"]
+    out.append(indent(format_table(headers, rows, align="lrrrr")))
     out.append(
         "  (since the sink started; ring-dropped = raise_event returned False because the "
         "lane was full: never enqueued, locust counts them as failures)"
     )
-    width = max(len("subscriber"), *(len(s.address) for s in subs))
     out.append("")
-    out.append(
-        f"  {'subscriber':<{width}}  {'event':<15} {'received':>10} {'loss':>6} "
-        f"{'hub-counted':>11} {'p50':>10} {'p99':>10} {'max':>10}"
-    )
+    rows = []
     ok = True
     unexplained_total = 0
     hub_counted_total = 0
@@ -247,15 +223,15 @@ def report(
             if unexplained != 0:
                 ok = False
                 unexplained_total += abs(unexplained)
-            ordered = sorted(s.latency[e])
-            out.append(
-                f"  {s.address:<{width}}  {e:<15} {n(got):>10} {n(loss):>6} {n(counted):>11} "
-                f"{ms(percentile(ordered, 0.50)):>10} {ms(percentile(ordered, 0.99)):>10} "
-                f"{ms(ordered[-1] if ordered else None):>10}"
+            latency = summarize(s.latency[e])
+            rows.append(
+                [s.address, e, fmt_num(got), fmt_num(loss), fmt_num(counted)]
+                + [fmt_ms(latency[k], 3) for k in ("median", "p99", "max")]
             )
-        extra = sorted(set(s.received) - set(events))
-        for e in extra:
-            out.append(f"  {s.address:<{width}}  {e:<15} {n(s.received[e]):>10} (not subscribed)")
+        for e in sorted(set(s.received) - set(events)):
+            rows.append([s.address, f"{e} (not subscribed)", fmt_num(s.received[e]), *["-"] * 5])
+    headers = ["subscriber", "event", "received", "loss", "hub-counted", "p50", "p99", "max"]
+    out.append(indent(format_table(headers, rows, align="llrrrrrr")))
     out.append(
         "  (loss = enqueued - received; hub-counted = the hub's send failures + backlog drops "
         "for that subscriber; latency = raise_event to recv)"
@@ -267,7 +243,7 @@ def report(
     out.append(f"  malformed datagrams: {malformed}")
     if pids:
         shown = ", ".join(map(str, pids[:8])) + (", ..." if len(pids) > 8 else "")
-        gaps = ", ".join(f"{s.address.split(':')[0]} {n(s.gaps)}" for s in subs)
+        gaps = ", ".join(f"{s.address.split(':')[0]} {fmt_num(s.gaps)}" for s in subs)
         out.append(
             f"  E_LOAD producers: {len(pids)} processes (pids {shown}); out of order: {disorder}; "
             f"seq gaps: {gaps} (ring-dropped + hub-counted: raises that never arrived)"
@@ -287,12 +263,12 @@ def report(
         if hub_counted_total:
             fate = (
                 "reached every subscriber or was counted as dropped by the hub "
-                f"({n(hub_counted_total)} datagrams, see hub-counted)"
+                f"({fmt_num(hub_counted_total)} datagrams, see hub-counted)"
             )
         else:
             fate = "reached every subscriber"
         out.append(
-            f"sink: OK: {n(total)} notifications; every enqueued event {fate}; "
+            f"sink: OK: {fmt_num(total)} notifications; every enqueued event {fate}; "
             "none malformed or out of order"
         )
     else:
@@ -301,8 +277,8 @@ def report(
             why.append("nothing was received")
         if unexplained_total:
             why.append(
-                f"{n(unexplained_total)} events lost (or duplicated) that the hub did not count"
-                + ("" if caught else "; the drain timed out")
+                f"{fmt_num(unexplained_total)} events lost (or duplicated) "
+                "that the hub did not count" + ("" if caught else "; the drain timed out")
             )
         if malformed:
             why.append(f"{malformed} malformed")
@@ -413,10 +389,11 @@ def main(argv: list[str] | None = None) -> int:
                 delta = since(event_counters(conn, events), base)
                 enq = sum(c["enqueued"] for c in delta.values())
                 got = "  ".join(
-                    f"{s.address.split(':')[0]} {n(sum(s.received.values()))}" for s in subs
+                    f"{s.address.split(':')[0]} {fmt_num(sum(s.received.values()))}" for s in subs
                 )
                 print(
-                    f"sink: {now - started:6.1f}s  enqueued {n(enq)}  received: {got}", flush=True
+                    f"sink: {now - started:6.1f}s  enqueued {fmt_num(enq)}  received: {got}",
+                    flush=True,
                 )
 
         # Drain: everything the hub enqueued must arrive (or be counted by it).

@@ -1,6 +1,6 @@
 """Locust users that send SIP-like requests over UDP to the proxy of ``workers/``.
 
-Every request reaches a forked child of :mod:`workers.sipproxy`, which raises
+Every request reaches a forked child of :mod:`mpevent.workers.sipproxy`, which raises
 ``E_SIP_REQUEST`` through mpevent and answers ``200 OK``: so the events of
 this test are raised by real prefork workers, and loadtest/sink.py checks
 that each of them arrives.

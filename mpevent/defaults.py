@@ -9,8 +9,6 @@ mpevent.
 
 from __future__ import annotations
 
-from importlib import metadata
-
 # -- the segment (see mpevent.shm.layout) ----------------------------------
 LANES = 32  # producer processes that can own a lane at once
 LANE_SIZE = 1 << 20  # bytes per lane, a power of two
@@ -21,6 +19,10 @@ TABLE_BYTES = 256 * 1024  # the hub's published subscription table
 
 # -- senders ---------------------------------------------------------------
 BACKLOG = 16384  # datagrams one destination may have waiting (UNIX EAGAIN)
+BACKLOG_BYTES = 4 << 20  # bytes one destination's backlog may hold
+# Bytes all of one sender's backlogs may hold together: what keeps a
+# sender's memory bounded (well under 256 MiB) whatever its subscribers do.
+SENDER_BACKLOG_BYTES = 64 << 20
 
 # -- stopping --------------------------------------------------------------
 DRAIN_TIMEOUT = 5.0  # seconds the senders may take to empty the ring on stop
@@ -28,14 +30,16 @@ DRAIN_TIMEOUT = 5.0  # seconds the senders may take to empty the ring on stop
 # -- the daemon ------------------------------------------------------------
 SEGMENT_NAME = "mpevent"  # /dev/shm/mpevent
 MI_UDP = "127.0.0.1:8080"
-MI_HTTP = "127.0.0.1:8888"
 MI_UNIX_MODE = 0o660
+MAX_SUBS_PER_EVENT = 256  # the daemon's security.max_subs_per_event
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_LEVEL = "info"
 
 
 def version() -> str:
     """mpevent's version, from the installed package's metadata."""
+    from importlib import metadata  # not at import: it costs a fresh process ~10 ms
+
     try:
         return metadata.version("mpevent")
     except metadata.PackageNotFoundError:  # run from a checkout that was never installed

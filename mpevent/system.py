@@ -80,6 +80,10 @@ def fork_call(fn: Callable[..., int | None], *args: Any) -> int:
     runner's fixtures, ``atexit``, a server's ``finally``) ever runs in it.
     Returns the child's pid.
     """
+    # What we printed and did not flush yet would otherwise come out twice.
+    with contextlib.suppress(BaseException):
+        sys.stdout.flush()
+        sys.stderr.flush()
     pid = os.fork()
     if pid == 0:
         code = EXIT_NOT_RUN

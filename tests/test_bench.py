@@ -1,4 +1,8 @@
-"""The benchmark: its pure helpers, and a tiny run of every section end to end."""
+"""The benchmark: its verdicts and report, and a tiny run of every section end to end.
+
+The statistics and tables it shares with the CLI and the demo are tested in
+test_report.py.
+"""
 
 from __future__ import annotations
 
@@ -11,51 +15,25 @@ from pathlib import Path
 import pytest
 
 from mpevent.tools import bench
-from mpevent.tools.bench import PROFILE_ROLES
+from mpevent.tools.bench import report, runner
+from mpevent.tools.bench.e2e import split_evenly
+from mpevent.tools.bench.report import PROFILE_ROLES
 
 # -- pure helpers --------------------------------------------------------------
 
 
-def test_percentile_interpolates_between_ranks():
-    values = list(range(1, 101))  # 1..100
-    assert bench.percentile(values, 0) == 1
-    assert bench.percentile(values, 100) == 100
-    assert bench.percentile(values, 50) == pytest.approx(50.5)
-    assert bench.percentile(values, 99) == pytest.approx(99.01)
-    assert bench.percentile([5, 1, 3], 50) == 3  # unsorted input
-    assert bench.percentile([7], 99.9) == 7
-    assert math.isnan(bench.percentile([], 50))
+def test_verdicts_and_targets():
+    assert report.verdict(0.3, "<=", 0.4) == "PASS"
+    assert report.verdict(0.4, "<=", 0.4) == "PASS"
+    assert report.verdict(0.5, "<=", 0.4) == "MISS"
+    assert report.verdict(3.5, ">=", 3) == "PASS"
+    assert report.verdict(2.9, ">=", 3) == "MISS"
+    assert report.verdict(3.5, ">=", 3, ok=False) == "MISS"  # e.g. it lost events
+    assert report.verdict(None, ">=", 3) == "n/a"
+    assert report.verdict(math.nan, ">=", 3) == "n/a"
     with pytest.raises(ValueError):
-        bench.percentile([1, 2], 101)
-
-
-def test_summarize_subtracts_the_offset():
-    s = bench.summarize([110, 120, 130, 1000], offset=100)
-    assert s["n"] == 4
-    assert s["min"] == 10 and s["max"] == 900
-    assert s["median"] == pytest.approx(25)
-    assert s["mean"] == pytest.approx((10 + 20 + 30 + 900) / 4)
-    assert s["p99"] <= s["max"]
-    empty = bench.summarize([])
-    assert empty["n"] == 0 and math.isnan(empty["median"])
-
-
-def test_ratio_and_verdicts():
-    assert bench.ratio(1, 4) == 0.25
-    assert bench.ratio(None, 4) is None
-    assert bench.ratio(1, 0) is None
-    assert bench.ratio(math.nan, 1) is None
-    assert bench.verdict(0.3, "<=", 0.4) == "PASS"
-    assert bench.verdict(0.4, "<=", 0.4) == "PASS"
-    assert bench.verdict(0.5, "<=", 0.4) == "MISS"
-    assert bench.verdict(3.5, ">=", 3) == "PASS"
-    assert bench.verdict(2.9, ">=", 3) == "MISS"
-    assert bench.verdict(3.5, ">=", 3, ok=False) == "MISS"  # e.g. it lost events
-    assert bench.verdict(None, ">=", 3) == "n/a"
-    assert bench.verdict(math.nan, ">=", 3) == "n/a"
-    with pytest.raises(ValueError):
-        bench.verdict(1, "<", 2)
-    t = bench.target("x <= 0.4 inline", 0.25, "<=", 0.4, "1 vs 4")
+        report.verdict(1, "<", 2)
+    t = report.target("x <= 0.4 inline", 0.25, "<=", 0.4, "1 vs 4")
     assert t == {
         "target": "x <= 0.4 inline",
         "figure": "1 vs 4",
@@ -66,34 +44,24 @@ def test_ratio_and_verdicts():
     }
 
 
-def test_formatting():
-    assert bench.fmt_num(1234567.4) == "1,234,567"
-    assert bench.fmt_num(None) == "-"
-    assert bench.fmt_num(math.nan) == "-"
-    assert bench.fmt_ratio(0.3456, 3) == "0.346x"
-    assert bench.fmt_ratio(None) == "n/a"
-    assert bench.fmt_us(1_234_567) == "1,234.6"
-    assert bench.fmt_bytes(3 << 20) == "3.0 MiB"
-    assert bench.fmt_loss(99, 100) == "99/100 (1.00% lost)"
-    assert bench.fmt_loss(0, 0) == "0/0 (0.00% lost)"
-    assert bench.split_evenly(10, 3) == [4, 3, 3]
-    assert sum(bench.split_evenly(12_001, 4)) == 12_001
+def test_loss_and_split():
+    assert report.fmt_loss(99, 100) == "99/100 (1.00% lost)"
+    assert report.fmt_loss(0, 0) == "0/0 (0.00% lost)"
+    assert split_evenly(10, 3) == [4, 3, 3]
+    assert sum(split_evenly(12_001, 4)) == 12_001
 
 
-def test_render_table_aligns_columns():
-    text = bench.render_table(
-        ["case", "ns", "note"], [["a", "1,000", None], ["longer", "5", "x"]], title="T"
+def test_report_tables_are_titled_and_underlined():
+    text = report.render_cpu_profile(
+        [{"pipeline": "bare", "producers": 1, "senders": 1, "cpu_us_per_event": {"sink": 2.0}}]
     )
-    lines = text.splitlines()
-    assert lines[0] == "T"
-    assert lines[1] == "case       ns  note"
-    assert lines[2] == "------  -----  ----"
-    assert lines[3] == "a       1,000     -"  # numbers right, None as "-"
-    assert lines[4] == "longer      5     x"
-    left = bench.render_table(["a", "b"], [["x", "y"]], align="ll")
-    assert left.splitlines()[-1] == "x  y"
-    with pytest.raises(ValueError):
-        bench.render_table(["a", "b"], [["only one"]])
+    title, header, rule, row = text.splitlines()
+    assert title.startswith("   CPU per delivered event")
+    assert header.startswith("pipeline") and row.startswith("bare sendto loop")
+    assert set(rule) == {"-", " "} and len(rule) == len(header)
+    # The last column is right-aligned: its figure ends where its header does.
+    assert header.endswith("2 cores / total") and row.endswith(" 1,000,000")
+    assert len(row) == len(header)
 
 
 def _results(**sections):
@@ -120,7 +88,7 @@ def test_cpu_profile_table_sums_roles_and_keeps_the_chosen_producer_count():
         {"pipeline": "bare", "producers": 1, "senders": 1,
          "cpu_us_per_event": {"sender": 4.0, "sink": 1.0}},
     ]  # fmt: skip
-    lines = bench.render_cpu_profile(summary).splitlines()
+    lines = report.render_cpu_profile(summary).splitlines()
     rows = [line.split() for line in lines[3:]]
     assert rows[0] == ["mpevent", "1", "1.50", "3.50", "3.00", "8.00", "250,000"]
     assert rows[1][-2:] == ["5.00", "400,000"]  # bare: no producer column value
@@ -151,7 +119,7 @@ def test_targets_from_figures():
         ]
     }
     lat = {"loads": [{"load": 0.5, "p99_ns": 800_000.0, "delivered": 10, "raised": 10}]}
-    got = bench.targets(_results(producer_cost=cost, end_to_end=e2e, latency=lat))
+    got = report.targets(_results(producer_cost=cost, end_to_end=e2e, latency=lat))
     verdicts = [t["verdict"] for t in got]
     # 1 sub 0.25 PASS; none 0.025 PASS; 64 1.05 PASS; x3 Queue PASS; x1.5 ff MISS;
     # best one-sender 320k / 400k = 0.8 PASS; p99 0.8 ms PASS.
@@ -159,10 +127,10 @@ def test_targets_from_figures():
     assert got[5]["ratio"] == pytest.approx(0.8)
     # Losing events turns the end-to-end targets into misses whatever the rate.
     e2e["summary"][0]["lost"] = 1
-    got = bench.targets(_results(producer_cost=cost, end_to_end=e2e, latency=lat))
+    got = report.targets(_results(producer_cost=cost, end_to_end=e2e, latency=lat))
     assert got[3]["verdict"] == "MISS"
     # Sections that did not run: n/a, not a failure.
-    assert {t["verdict"] for t in bench.targets(_results())} == {"n/a"}
+    assert {t["verdict"] for t in report.targets(_results())} == {"n/a"}
 
 
 def test_parser_defaults():
@@ -247,16 +215,16 @@ def test_smoke_run_has_every_section(tmp_path: Path, capsys):
     assert all(0 < ns < 10_000 for ns in data["meta"]["python_ns_per_step"])
     assert "machine speed" in printed
     assert {t["verdict"] for t in data["targets"]} <= {"PASS", "MISS", "n/a"}
-    if bench.optional_module("matplotlib") is not None:
+    if runner.optional_module("matplotlib") is not None:
         assert png.stat().st_size > 0
     else:
         assert any("matplotlib" in n for n in data["notes"])
 
 
 def test_missing_optional_packages_are_skipped_with_a_note(monkeypatch, tmp_path, capsys):
-    real = bench.optional_module
+    real = runner.optional_module
     monkeypatch.setattr(
-        bench, "optional_module", lambda name: None if name == "faster_fifo" else real(name)
+        runner, "optional_module", lambda name: None if name == "faster_fifo" else real(name)
     )
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails
     png = tmp_path / "none.png"

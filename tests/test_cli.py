@@ -13,9 +13,10 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Daemon, UdpSink, free_port, running, wait_for
+from support import Daemon, UdpSink, running, wait_for
 
 from mpevent.api.client import MIClient, MIHttpClient
+from mpevent.system import free_port
 from mpevent.tools import cli
 from mpevent.tools.cli import (
     UsageError,

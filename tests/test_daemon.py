@@ -10,8 +10,9 @@ import textwrap
 import time
 from pathlib import Path
 
+import psutil
 import pytest
-from conftest import Daemon, UdpSink, wait_for
+from support import Daemon, UdpSink, wait_for
 
 import mpevent
 from mpevent.protocol.payload import encode_notification
@@ -89,7 +90,7 @@ def test_sigterm_drains_and_leaves_nothing_behind(tmp_path: Path, udp_sink: UdpS
         sent = sum(conn.raise_event("E_DRAIN", {"n": i}) for i in range(20000))
         conn.close()
         assert segment.exists()
-        children = {p.pid for p in __import__("psutil").Process(d.proc.pid).children()}
+        children = {p.pid for p in psutil.Process(d.proc.pid).children()}
         assert children, "the hub has sender processes"
     finally:
         code = d.stop(signal.SIGTERM)
@@ -98,7 +99,7 @@ def test_sigterm_drains_and_leaves_nothing_behind(tmp_path: Path, udp_sink: UdpS
     assert len(udp_sink.receive(sent, timeout=5)) == sent
     assert not segment.exists()
     assert not any(p.is_socket() or p.is_fifo() for p in d.run_dir.iterdir())
-    assert not any(__import__("psutil").pid_exists(pid) for pid in children)
+    assert not any(psutil.pid_exists(pid) for pid in children)
 
 
 def test_sighup_applies_a_changed_permanent_subscription(tmp_path: Path):
@@ -172,7 +173,7 @@ def test_second_hub_on_the_same_name_refuses(daemon: Daemon, tmp_path: Path):
 
 def test_a_killed_hub_is_replaced_and_its_stale_segment_removed(tmp_path: Path, udp_sink):
     first = Daemon(tmp_path)
-    hub = __import__("psutil").Process(first.proc.pid)
+    hub = psutil.Process(first.proc.pid)
     senders = hub.children()
     first.stop(signal.SIGKILL)
     for p in senders:  # senders notice their hub is gone and leave

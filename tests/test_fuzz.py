@@ -13,9 +13,9 @@ import math
 
 import orjson
 import pytest
-from conftest import UdpSink
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support import UdpSink
 
 from mpevent import EventBus
 from mpevent.protocol.destination import DestinationError, parse_destination
@@ -150,7 +150,7 @@ def test_every_mi_method_with_random_params(method):
     from mpevent.protocol import mi
 
     hub = FakeHub()
-    hub.registry.publish("E_A")
+    hub.registry.declare("E_A")
     seen = []
 
     @settings(max_examples=FUZZ_PER_METHOD, deadline=None)

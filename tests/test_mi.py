@@ -1,8 +1,8 @@
 """The management interface: the pure method table, then the three real transports.
 
 Part 1 drives :func:`mpevent.protocol.mi.handle` with a fake hub (a real Registry, a
-fake clock): every method of DESIGN's table, params as an array and as an
-object, the exact result shapes and every JSON-RPC error path, plus a
+fake clock): every method OpenSIPS's tools call and mpevent's ``event_publish``,
+params as an array and as an object, the exact result shapes and every JSON-RPC error path, plus a
 property: no input makes it raise or answer something that is not a
 JSON-RPC 2.0 response.
 
@@ -16,22 +16,29 @@ import os
 import socket
 import stat
 import time
+import tomllib
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Any
 from unittest import mock
 
 import orjson
 import pytest
-from conftest import DESIGN_METHODS, UdpSink, wait_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support import OPENSIPS_MI_METHODS, UdpSink, wait_for
 
 from mpevent.protocol import mi
 from mpevent.protocol.destination import parse_destination
 from mpevent.protocol.payload import PayloadError
 from mpevent.protocol.policy import DestinationPolicy
 from mpevent.protocol.registry import NS, Registry
+
+# The version the MI reports is the package's, as pyproject.toml says it.
+VERSION = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"][
+    "version"
+]
 
 # -- part 1: the pure method table ---------------------------------------------
 
@@ -53,18 +60,18 @@ class FakeHub:
         self.policy = DestinationPolicy()
         self.started = time.time() - 42
         self.clock = 1_000 * NS
-        self.commits = 0
-        self.fail_commits = 0  # the next N commits raise ValueError (table too large)
+        self.stores = 0
+        self.fail_stores = 0  # the next N stores raise ValueError (table too large)
         self.raised: list[tuple[str, Any]] = []
         self.reset: list[list[str]] = []
 
     def now_ns(self) -> int:
         return self.clock
 
-    def commit(self) -> None:
-        self.commits += 1
-        if self.fail_commits:
-            self.fail_commits -= 1
+    def store_table(self) -> None:
+        self.stores += 1
+        if self.fail_stores:
+            self.fail_stores -= 1
             raise ValueError("subscription table needs 9999 bytes")
 
     def raise_event(self, event: str, params: Any) -> bool:
@@ -86,8 +93,8 @@ class FakeHub:
 @pytest.fixture
 def hub() -> FakeHub:
     h = FakeHub()
-    h.registry.publish("E_A")
-    h.registry.publish("E_B")
+    h.registry.declare("E_A")
+    h.registry.declare("E_B")
     return h
 
 
@@ -135,10 +142,10 @@ def args(form: str, **named: Any) -> Any:
 FORMS = pytest.mark.parametrize("form", ["array", "object"])
 
 
-def test_which_lists_every_design_method(hub):
+def test_which_lists_every_opensips_method(hub):
     names = ok(hub, "which")
     assert names == sorted(mi.METHODS)
-    assert set(names) >= DESIGN_METHODS
+    assert set(names) >= OPENSIPS_MI_METHODS
     assert ok(hub, "which", []) == ok(hub, "which", {}) == names
 
 
@@ -236,14 +243,14 @@ def test_event_subscribe_bad_socket_or_event(hub, form):
 
 def test_event_subscribe_undone_when_the_table_does_not_fit(hub):
     sock = "udp:127.0.0.1:9000"
-    hub.fail_commits = 1
+    hub.fail_stores = 1
     code, msg = err(hub, "event_subscribe", ["E_A", sock, 60])
     assert code == 400 and "Cannot subscribe" in msg
     assert list(hub.registry.subscriptions()) == []
-    # A refresh that cannot be published leaves the subscription as it was.
+    # A refresh whose table cannot be stored leaves the subscription as it was.
     assert ok(hub, "event_subscribe", ["E_A", sock, 60]) == "OK"
     hub.clock += 5 * NS
-    hub.fail_commits = 1
+    hub.fail_stores = 1
     assert err(hub, "event_subscribe", ["E_A", sock, 999])[0] == 400
     [sub] = hub.registry.subscriptions()
     assert sub.expire == 60 and sub.deadline_ns == hub.clock - 5 * NS + 60 * NS
@@ -309,7 +316,7 @@ def test_process_facts(hub, form):
     up = ok(hub, "uptime", empty)
     assert set(up) == {"Now", "Up since", "Up time"}
     assert 42 <= int(up["Up time"].split()[0]) < 100
-    assert ok(hub, "version", empty) == {"Server": f"mpevent {mi.VERSION}"}
+    assert ok(hub, "version", empty) == {"Server": f"mpevent {VERSION}"}
 
 
 @pytest.mark.parametrize(
@@ -402,7 +409,7 @@ def test_batch(hub):
     ]
     out = orjson.loads(mi.handle(hub, orjson.dumps(batch)))
     assert [r["id"] for r in out] == [1, None, "b"]
-    assert out[0]["result"] == {"Server": f"mpevent {mi.VERSION}"}
+    assert out[0]["result"] == {"Server": f"mpevent {VERSION}"}
     assert out[1]["error"]["code"] == mi.INVALID_REQUEST
     assert out[2]["error"]["code"] == mi.METHOD_NOT_FOUND
     assert "E_C" in hub.registry.events
@@ -469,8 +476,8 @@ def _no_dns(*args: Any, **kwargs: Any):
 @given(raw=_inputs)
 def test_any_input_gives_a_jsonrpc_response_or_nothing(raw):
     hub = FakeHub()
-    hub.registry.publish("E_A")
-    hub.registry.publish("E_B")
+    hub.registry.declare("E_A")
+    hub.registry.declare("E_B")
     with mock.patch("socket.getaddrinfo", _no_dns):
         out = mi.handle(hub, raw)
     if out is None:
@@ -542,7 +549,7 @@ def code(daemon, transport: str, method: str, params: Any = _ABSENT) -> int:
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_transport_every_method_and_error(daemon, udp_sink, transport):
-    assert set(result(daemon, transport, "which")) >= DESIGN_METHODS
+    assert set(result(daemon, transport, "which")) >= OPENSIPS_MI_METHODS
     assert result(daemon, transport, "event_publish", ["E_T"]) == {"name": "E_T", "id": 0}
     assert result(daemon, transport, "events_list") == {"Events": [{"name": "E_T", "id": 0}]}
     sub = {"event": "E_T", "socket": udp_sink.address, "expire": 100}
@@ -576,7 +583,7 @@ def test_transport_every_method_and_error(daemon, udp_sink, transport):
     assert all(t.startswith("producer lane ") for t in types[2:]), types
     assert procs[0]["PID"] == daemon.proc.pid
     assert "Up time" in result(daemon, transport, "uptime")
-    assert result(daemon, transport, "version") == {"Server": f"mpevent {mi.VERSION}"}
+    assert result(daemon, transport, "version") == {"Server": f"mpevent {VERSION}"}
     assert result(daemon, transport, "event_subscribe", {**sub, "expire": 0}) == "OK"
     assert result(daemon, transport, "subscribers_list", ["E_T"])["Event"]["Subscribers"] == []
 
@@ -586,7 +593,7 @@ def test_transport_every_method_and_error(daemon, udp_sink, transport):
     assert code(daemon, transport, "event_subscribe", ["E_T", "udp:127.0.0.1:0"]) == 400
     assert code(daemon, transport, "event_subscribe", ["E_NOPE", udp_sink.address]) == 400
     assert code(daemon, transport, "event_subscribe", ["E_T", udp_sink.address, -1]) == -32602
-    # An expire whose deadline overflows the published table once broke every later commit.
+    # An expire whose deadline overflows the stored table once broke every later store.
     assert code(daemon, transport, "event_subscribe", ["E_T", udp_sink.address, 10**12]) == -32602
     assert result(daemon, transport, "event_subscribe", ["E_T", udp_sink.address, 0]) == "OK"
     assert code(daemon, transport, "events_list", {"bogus": 1}) == -32602
@@ -623,7 +630,7 @@ def test_transport_survives_garbage(daemon, transport):
             parsed = orjson.loads(out)
             for item in parsed if isinstance(parsed, list) else [parsed]:
                 assert item["jsonrpc"] == "2.0" and "error" in item, item
-    assert result(daemon, transport, "version") == {"Server": f"mpevent {mi.VERSION}"}
+    assert result(daemon, transport, "version") == {"Server": f"mpevent {VERSION}"}
     assert daemon.proc.poll() is None
     assert "Traceback" not in daemon.log()
 

@@ -13,13 +13,13 @@ import socket
 from collections.abc import Iterator
 
 import pytest
-from conftest import SO_RCVBUFFORCE
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mpevent.processes.sender import mmsg
 from mpevent.processes.sender.mmsg import MAX_MESSAGES, Outbox, address_of
 from mpevent.protocol.payload import Notification
+from mpevent.system import set_rcvbuf
 
 pytestmark = pytest.mark.skipif(not mmsg.AVAILABLE, reason="no sendmmsg in this C library")
 NOTE = Notification("E_TEST")
@@ -29,7 +29,7 @@ CLOSE = b"}"
 @pytest.fixture
 def udp_pair() -> Iterator[tuple[socket.socket, socket.socket]]:
     rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    rx.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 64 << 20)
+    set_rcvbuf(rx, 64 << 20)
     rx.bind(("127.0.0.1", 0))
     rx.settimeout(5)
     tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)

@@ -1,6 +1,6 @@
 """The ``opensips`` package from PyPI, unchanged, against a real ``mpevent serve``.
 
-DESIGN promises that existing OpenSIPS tools work as they are: its MI
+Existing OpenSIPS tools must work against mpevent as they are: its MI
 clients (datagram over UDP and UNIX, HTTP), its event handler (which
 subscribes a UDP or UNIX datagram socket through the MI and dispatches the
 notifications to callbacks) and its two commands, ``opensips-mi`` and
@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import DESIGN_METHODS, running, wait_for
+from support import OPENSIPS_MI_METHODS, running, wait_for
 
 import mpevent
 
@@ -55,7 +55,7 @@ def subscribers(daemon, event: str = "E_TEST") -> list[dict[str, Any]]:
 @pytest.mark.parametrize("kind", ["udp", "unix", "http"])
 def test_mi_client(daemon, udp_sink, kind):
     mi = make_mi(daemon, kind)
-    assert set(mi.execute("which", [])) >= DESIGN_METHODS
+    assert set(mi.execute("which", [])) >= OPENSIPS_MI_METHODS
     assert mi.execute("events_list", []) == {"Events": []}
     daemon.mi("event_publish", ["E_TEST"])
     assert mi.execute("events_list") == {"Events": [{"name": "E_TEST", "id": 0}]}
@@ -192,7 +192,7 @@ def test_opensips_mi_command(daemon, tmp_path, udp_sink):
         assert res.returncode == 0, (res.args, res.stdout, res.stderr)
         printed = json.loads(res.stdout)
         if res.args[-1] == "which":
-            assert set(printed) >= DESIGN_METHODS
+            assert set(printed) >= OPENSIPS_MI_METHODS
         else:
             assert printed == {"Events": [{"name": "E_TEST", "id": 0}]}
 

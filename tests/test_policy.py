@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import Daemon
+from support import Daemon
 
 from mpevent.api.client import MICallError
 from mpevent.protocol.config import ConfigError, load
@@ -43,6 +43,22 @@ def test_bad_settings_are_config_errors(tmp_path):
     bad.write_text('[[subscribe]]\nevent = "E_X"\nsocket = "udp:192.0.2.1:9"\n')
     with pytest.raises(ConfigError, match=r"subscribe\[0\].socket.*security.allowed_networks"):
         load(bad)
+
+
+def test_configured_subscriptions_come_parsed_and_allowed(tmp_path):
+    """The hub takes them as they are: destinations, checked once, when the file is read."""
+    good = tmp_path / "good.toml"
+    good.write_text(
+        '[security]\nallowed_networks = ["192.0.2.0/24"]\n'
+        '[[subscribe]]\nevent = "E_X"\nsocket = "udp:192.0.2.7:09000"\n'
+        '[[subscribe]]\nevent = "E_Y"\nsocket = "/tmp/y.sock"\n'
+    )
+    config = load(good)
+    assert config.subscriptions == (
+        ("E_X", parse_destination("udp:192.0.2.7:9000")),
+        ("E_Y", parse_destination("unix:/tmp/y.sock")),
+    )
+    assert config.events == ("E_X", "E_Y")  # a subscribed event is declared too
 
 
 def test_mi_refuses_a_remote_subscriber_with_a_clear_error(daemon: Daemon):

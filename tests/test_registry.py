@@ -13,26 +13,26 @@ B = parse_destination("unix:/tmp/b.sock")
 
 def make() -> Registry:
     reg = Registry(max_events=4, max_subs=3, max_subs_per_event=2)
-    reg.publish("E_A")
-    reg.publish("E_B")
+    reg.declare("E_A")
+    reg.declare("E_B")
     return reg
 
 
-def test_publish_is_idempotent_and_ids_follow_order():
+def test_declare_is_idempotent_and_ids_follow_order():
     reg = make()
-    assert reg.publish("E_A") == 0
-    assert reg.publish("E_C") == 2
+    assert reg.declare("E_A") == 0
+    assert reg.declare("E_C") == 2
     assert reg.events == ["E_A", "E_B", "E_C"]
 
 
-def test_publish_limits_and_names():
+def test_declare_limits_and_names():
     reg = make()
-    reg.publish("E_C")
-    reg.publish("E_D")
+    reg.declare("E_C")
+    reg.declare("E_D")
     with pytest.raises(RegistryError, match="all 4 event ids"):
-        reg.publish("E_E")
+        reg.declare("E_E")
     with pytest.raises(ValueError, match="characters"):
-        make().publish("bad name")
+        make().declare("bad name")
 
 
 def test_subscribe_refresh_keeps_slot_and_sets_new_expire():
@@ -96,4 +96,4 @@ def test_snapshot_carries_what_senders_need():
     assert route.event_id == 1
     assert route.destination == B
     assert route.deadline_ns == 11 * NS
-    assert route.sockaddr == "/tmp/b.sock"
+    assert route.destination.sockaddr == "/tmp/b.sock"

@@ -16,18 +16,16 @@ import signal
 import struct
 import sys
 import time
-import traceback
 import zlib
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
 
 import pytest
-from conftest import wait_for
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+from support import Kids, wait_for
 
 from mpevent.processes.reclaim import LaneReclaimer
 from mpevent.shm.layout import (
@@ -59,62 +57,15 @@ SEQ = struct.Struct("<II")
 CRC = struct.Struct("<I")
 
 
-def fork_child(main: Callable[..., int | None], *args: Any) -> int:
-    """Run ``main(*args)`` in a forked child that always ends with ``os._exit``."""
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - runs in the child
-        code = 1
-        try:
-            code = main(*args) or 0
-        except BaseException:
-            try:
-                traceback.print_exc()
-                sys.stderr.flush()
-            except BaseException:
-                pass
-            code = 1
-        finally:
-            os._exit(code)
-    return pid
+def assert_no_child_failed(kids: Kids) -> None:
+    """Fail at once, instead of stalling, when a child has ended badly.
 
-
-def reap(pid: int, timeout: float = 30.0) -> int:
-    """Wait for ``pid`` (SIGKILL it after ``timeout``); its wait status."""
-    deadline = time.monotonic() + timeout
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return status
-        if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            return os.waitpid(pid, 0)[1]
-        time.sleep(0.005)
-
-
-@contextmanager
-def children() -> Iterator[dict[int, int | None]]:
-    """pid -> wait status (None while unreaped); kills and reaps leftovers."""
-    pids: dict[int, int | None] = {}
-    try:
-        yield pids
-    finally:
-        for pid, status in pids.items():
-            if status is None:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                os.waitpid(pid, 0)
-
-
-def poll_children(pids: dict[int, int | None]) -> None:
-    """Record the status of children that ended; fail on any that ended badly."""
-    for pid, status in pids.items():
-        if status is None:
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                pids[pid] = status
-                assert os.waitstatus_to_exitcode(status) == 0, f"child {pid} failed: {status}"
+    Only peeks (``WNOWAIT``): the child stays for :meth:`Kids.wait`.
+    """
+    for pid in list(kids.pids):
+        info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        if info is not None:
+            assert (info.si_code, info.si_status) == (os.CLD_EXITED, 0), f"child {pid}: {info}"
 
 
 def lane_ends(seg: Segment, lane: int) -> tuple[int, int, int, int]:
@@ -131,6 +82,27 @@ def writer_for(seg: Segment, lane: int) -> LaneWriter:
 def reader_for(seg: Segment, lane: int) -> LaneReader:
     ctl, data, size, _ = lane_ends(seg, lane)
     return LaneReader(seg.buf, seg.words, ctl, data, size)
+
+
+def read_records(reader: LaneReader, limit: int) -> list[tuple[int, bytes, int]]:
+    """Up to ``limit`` records as (event id, body, raise ns), across the end of the lane.
+
+    Through ``read_span``, the sender's one parser of the record format, a
+    stretch at a time; each record's raise time is its header's second word,
+    just before its body, and the stretch's first must be what
+    ``read_span`` reports as the oldest.
+    """
+    got: list[tuple[int, bytes, int]] = []
+    while len(got) < limit:
+        records, stretch, first_raised_ns = reader.read_span(limit - len(got), sys.maxsize)
+        if not records:
+            break
+        stretch_start = len(got)
+        for event_id, at, n in records:
+            raised_ns = int.from_bytes(stretch[at - 8 : at], sys.byteorder)
+            got.append((event_id, bytes(stretch[at : at + n]), raised_ns))
+        assert first_raised_ns == got[stretch_start][2]
+    return got
 
 
 def crc_body(first: int, seq: int, payload: bytes | memoryview) -> bytes:
@@ -163,9 +135,9 @@ def unique_name() -> str:
 
 
 class LaneModel(RuleBasedStateMachine):
-    """One lane in a bytearray, driven by random pushes, reads and commits.
+    """One lane in a bytearray, driven by random pushes, reads and releases.
 
-    The model keeps the published tail, the committed head, the reader's
+    The model keeps the published tail, the released head, the reader's
     position and the records in flight, and predicts every push's outcome
     with the ring's own arithmetic. Every byte outside the control words and
     the region a push claims must stay as it was.
@@ -192,17 +164,17 @@ class LaneModel(RuleBasedStateMachine):
         self.writer = LaneWriter(self.buf, self.words, 0, DATA_AT, size)
         self.reader = LaneReader(self.buf, self.words, 0, DATA_AT, size)
         self.tail = start  # published tail
-        self.committed = start  # published head
+        self.released = start  # released head
         self.read_at = start  # the reader's own position
         self.unread: deque[tuple[int, bytes, int, int]] = deque()
-        self.uncommitted: list[tuple[int, bytes, int, int]] = []
+        self.unreleased: list[tuple[int, bytes, int, int]] = []
 
     def teardown(self) -> None:
         if hasattr(self, "words"):
             self.words.release()
             self.buf.release()
 
-    # -- the model's arithmetic (as the design states it) --
+    # -- the model's arithmetic (as the ring's docstring states it) --
 
     def fits(self, body_len: int) -> tuple[bool, int]:
         """Whether a record fits now, and where it starts (after any wrap)."""
@@ -211,7 +183,7 @@ class LaneModel(RuleBasedStateMachine):
         to_end = self.size - off
         need = span if span <= to_end else to_end + span
         start = self.tail if span <= to_end else self.tail + to_end
-        return self.tail + need - self.committed <= self.size, start
+        return self.tail + need - self.released <= self.size, start
 
     def assert_only_changed(self, before: bytes, ranges: list[tuple[int, int]]) -> None:
         """Every byte outside ``ranges`` (absolute, sorted) is as in ``before``."""
@@ -268,16 +240,17 @@ class LaneModel(RuleBasedStateMachine):
         self.unread.append((event_id, body, raised_ns, end))
         assert self.words[L_TAIL] == self.writer.tail == end
 
-    @rule(limit=st.integers(0, 12), commit=st.booleans())
-    def read(self, limit: int, commit: bool) -> None:
+    @rule(limit=st.integers(0, 12), release=st.booleans())
+    def read(self, limit: int, release: bool) -> None:
+        """Stretch after stretch: exactly the next ``limit`` records, with their raise times."""
         before = bytes(self.arr)
-        got = [(e, bytes(b), ns) for e, b, ns in self.reader.read(limit)]
+        got = read_records(self.reader, limit)
         expected = [self.unread.popleft() for _ in range(min(limit, len(self.unread)))]
         assert got == [record[:3] for record in expected]
-        self.taken(expected, before, commit)
+        self.taken(expected, before, release)
 
-    @rule(limit=st.integers(0, 12), max_bytes=st.integers(1, 1 << 16), commit=st.booleans())
-    def read_span(self, limit: int, max_bytes: int, commit: bool) -> None:
+    @rule(limit=st.integers(0, 12), max_bytes=st.integers(1, 1 << 16), release=st.booleans())
+    def read_span(self, limit: int, max_bytes: int, release: bool) -> None:
         """The sender's reader: the same records, from one contiguous stretch."""
         before = bytes(self.arr)
         records, stretch, first_raised_ns = self.reader.read_span(limit, max_bytes)
@@ -290,27 +263,27 @@ class LaneModel(RuleBasedStateMachine):
         expected = [self.unread.popleft() for _ in got]
         assert got == [(e, body) for e, body, _, _ in expected]
         assert first_raised_ns == (expected[0][2] if expected else 0)
-        self.taken(expected, before, commit)
+        self.taken(expected, before, release)
 
     def taken(
-        self, expected: list[tuple[int, bytes, int, int]], before: bytes, commit: bool
+        self, expected: list[tuple[int, bytes, int, int]], before: bytes, release: bool
     ) -> None:
         """The model's side of a read: the reader moved past ``expected``, wrote nothing."""
-        self.uncommitted.extend(expected)
+        self.unreleased.extend(expected)
         if expected:
             self.read_at = expected[-1][3]
         assert self.reader.head == self.read_at
         assert bytes(self.arr) == before, "reading wrote to the lane"
-        if commit:
-            self.commit()
+        if release:
+            self.release()
 
     @rule()
-    def commit(self) -> None:
+    def release(self) -> None:
         before = bytes(self.arr)
-        self.reader.commit()
-        self.committed = self.read_at
-        self.uncommitted.clear()
-        assert self.words[L_HEAD] == self.committed
+        self.reader.release()
+        self.released = self.read_at
+        self.unreleased.clear()
+        assert self.words[L_HEAD] == self.released
         self.assert_only_changed(before, [(8 * L_HEAD, 8 * L_HEAD + 8)])
 
     @rule()
@@ -321,20 +294,20 @@ class LaneModel(RuleBasedStateMachine):
 
     @rule()
     def new_reader(self) -> None:
-        """A respawned consumer resumes at the committed head: re-reads the rest."""
+        """A respawned consumer resumes at the released head: re-reads the rest."""
         self.reader = LaneReader(self.buf, self.words, 0, DATA_AT, self.size)
-        self.unread.extendleft(reversed(self.uncommitted))
-        self.uncommitted.clear()
-        self.read_at = self.committed
-        assert self.reader.head == self.committed
+        self.unread.extendleft(reversed(self.unreleased))
+        self.unreleased.clear()
+        self.read_at = self.released
+        assert self.reader.head == self.released
 
     @invariant()
     def consistent(self) -> None:
         if not hasattr(self, "writer"):
             return
-        assert self.words[L_TAIL] == self.tail
-        assert self.words[L_HEAD] == self.committed
-        assert 0 <= self.writer.used() == self.tail - self.committed <= self.size
+        assert self.words[L_TAIL] == self.writer.tail == self.tail
+        assert self.words[L_HEAD] == self.released
+        assert 0 <= self.tail - self.released <= self.size, "the lane holds more than its size"
         assert self.reader.pending() is bool(self.unread)
 
 
@@ -360,8 +333,8 @@ class BytearrayLane:
         self.reader = LaneReader(self.buf, self.words, 0, DATA_AT, size)
 
     def drain(self) -> list[tuple[int, bytes, int]]:
-        got = [(e, bytes(b), ns) for e, b, ns in self.reader.read(1 << 30)]
-        self.reader.commit()
+        got = read_records(self.reader, 1 << 30)
+        self.reader.release()
         return got
 
 
@@ -386,7 +359,7 @@ def test_whole_lane_record(size: int) -> None:
     lane = BytearrayLane(size)
     body = os.urandom(whole_lane_body(size))
     assert lane.writer.push(7, body, 123)
-    assert lane.writer.used() == size
+    assert lane.writer.tail - lane.words[L_HEAD] == size
     assert not lane.writer.push(1, b"", 0), "a full lane took a record"
     assert lane.drain() == [(7, body, 123)]
     # Tail is at offset 0 again: the whole lane is free for one more.
@@ -465,13 +438,12 @@ def test_reader_limit_and_resume() -> None:
     records = [(i, os.urandom(i), 1000 + i) for i in range(20)]
     for record in records:
         assert lane.writer.push(*record)
-    got = [(e, bytes(b), ns) for e, b, ns in lane.reader.read(7)]
-    assert got == records[:7]
+    assert read_records(lane.reader, 7) == records[:7]
     assert lane.reader.pending()
-    # Not committed: a new reader (a respawned sender) starts over.
+    # Not released: a new reader (a respawned sender) starts over.
     again = LaneReader(lane.buf, lane.words, 0, DATA_AT, 1024)
-    assert [(e, bytes(b), ns) for e, b, ns in again.read(100)] == records
-    lane.reader.commit()
+    assert read_records(again, 100) == records
+    lane.reader.release()
     assert lane.words[L_HEAD] == lane.reader.head
     assert lane.drain() == records[7:]
     assert not lane.reader.pending()
@@ -504,52 +476,47 @@ def _stress_producer(seg: Segment, index: int, count: int, parent: int) -> int:
     return 0
 
 
-def test_four_producers_stress() -> None:
+def test_four_producers_stress(kids: Kids) -> None:
     seg = Segment.create(Geometry(lanes=STRESS_PRODUCERS, lane_size=1 << 16, senders=1))
     try:
-        with children() as pids:
-            for index in range(STRESS_PRODUCERS):
-                pid = fork_child(_stress_producer, seg, index, STRESS_RECORDS, os.getpid())
-                pids[pid] = None
-            readers = [reader_for(seg, lane) for lane in range(STRESS_PRODUCERS)]
-            next_seq = [0] * STRESS_PRODUCERS
-            lane_of: dict[int, int] = {}
-            total = STRESS_PRODUCERS * STRESS_RECORDS
-            received = 0
-            deadline = time.monotonic() + 90
-            while received < total:
-                progress = False
-                for lane, reader in enumerate(readers):
-                    for event_id, body, raised_ns in reader.read(512):
-                        index, seq = check_crc_body(body)
-                        assert event_id == index and raised_ns == seq
-                        assert lane_of.setdefault(index, lane) == lane, "producer changed lane"
-                        assert seq == next_seq[index], f"producer {index}: {seq}"
-                        next_seq[index] = seq + 1
-                        received += 1
-                        progress = True
-                    reader.commit()
-                if not progress:
-                    poll_children(pids)
-                    assert time.monotonic() < deadline, f"stalled at {next_seq}"
-                    time.sleep(0)
-            del body
-            assert next_seq == [STRESS_RECORDS] * STRESS_PRODUCERS
-            assert sorted(lane_of.values()) == list(range(STRESS_PRODUCERS)), lane_of
-            owners = {
-                seg.words[seg.layout.lane_word(lane) + L_OWNER_PID] for lane in lane_of.values()
-            }
-            assert owners == set(pids)
-            for pid, status in pids.items():
-                if status is None:
-                    pids[pid] = status = reap(pid)
-                assert os.waitstatus_to_exitcode(status) == 0, f"child {pid}: {status}"
-            # Nothing extra.
-            for reader in readers:
-                assert not reader.pending()
-                assert list(reader.read(10)) == []
-            for lane in range(STRESS_PRODUCERS):
-                assert seg.words[seg.layout.lane_word(lane) + L_CLAIMS] == 1
+        pids = [
+            kids.fork(_stress_producer, seg, index, STRESS_RECORDS, os.getpid())
+            for index in range(STRESS_PRODUCERS)
+        ]
+        readers = [reader_for(seg, lane) for lane in range(STRESS_PRODUCERS)]
+        next_seq = [0] * STRESS_PRODUCERS
+        lane_of: dict[int, int] = {}
+        total = STRESS_PRODUCERS * STRESS_RECORDS
+        received = 0
+        deadline = time.monotonic() + 90
+        while received < total:
+            progress = False
+            for lane, reader in enumerate(readers):
+                for event_id, body, raised_ns in read_records(reader, 512):
+                    index, seq = check_crc_body(body)
+                    assert event_id == index and raised_ns == seq
+                    assert lane_of.setdefault(index, lane) == lane, "producer changed lane"
+                    assert seq == next_seq[index], f"producer {index}: {seq}"
+                    next_seq[index] = seq + 1
+                    received += 1
+                    progress = True
+                reader.release()
+            if not progress:
+                assert_no_child_failed(kids)
+                assert time.monotonic() < deadline, f"stalled at {next_seq}"
+                time.sleep(0)
+        assert next_seq == [STRESS_RECORDS] * STRESS_PRODUCERS
+        assert sorted(lane_of.values()) == list(range(STRESS_PRODUCERS)), lane_of
+        owners = {seg.words[seg.layout.lane_word(lane) + L_OWNER_PID] for lane in lane_of.values()}
+        assert owners == set(pids)
+        for pid in pids:
+            assert kids.wait(pid) == 0, f"child {pid}"
+        # Nothing extra.
+        for reader in readers:
+            assert not reader.pending()
+            assert read_records(reader, 10) == []
+        for lane in range(STRESS_PRODUCERS):
+            assert seg.words[seg.layout.lane_word(lane) + L_CLAIMS] == 1
     finally:
         seg.close()
 
@@ -590,7 +557,7 @@ class KillChecker:
 
     def drain(self, limit: int = 1 << 30) -> int:
         got = 0
-        for event_id, body, raised_ns in self.reader.read(limit):
+        for event_id, body, raised_ns in read_records(self.reader, limit):
             round_, seq = check_crc_body(body)
             assert event_id == round_ and raised_ns == seq
             if round_ != self.round:
@@ -601,12 +568,12 @@ class KillChecker:
             self.next_seq += 1
             self.counts[round_] = self.next_seq
             got += 1
-        self.reader.commit()
+        self.reader.release()
         return got
 
 
 @pytest.mark.parametrize("seed", [1, 2])
-def test_producer_killed_while_pushing(seed: int) -> None:
+def test_producer_killed_while_pushing(seed: int, kids: Kids) -> None:
     rng = random.Random(seed)
     killed_rounds = 4
     final_count = 3000
@@ -614,50 +581,43 @@ def test_producer_killed_while_pushing(seed: int) -> None:
     lane_word = seg.layout.lane_word(0)
     checker = KillChecker(seg)
     try:
-        with children() as pids:
-            for round_ in range(killed_rounds):
-                pid = fork_child(_doomed_producer, seg, round_, 0, os.getpid())
-                pids[pid] = None
-                assert wait_for(lambda pid=pid: seg.words[lane_word + L_OWNER_PID] == pid)
-                assert seg.lane_is_owned(0)
-                # Read for a while, or (sometimes) let the lane fill up so
-                # the child is spinning on a full lane when it dies.
-                until = time.monotonic() + rng.uniform(0.02, 0.2)
-                reading = rng.random() < 0.7
-                while time.monotonic() < until:
-                    if reading:
-                        checker.drain(rng.randrange(1, 200))
-                    else:
-                        time.sleep(0.001)
-                os.kill(pid, signal.SIGKILL)
-                pids[pid] = status = os.waitpid(pid, 0)[1]
-                assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, (
-                    f"round {round_}: child ended with {status} before it was killed"
-                )
-                checker.drain()
-                assert not checker.reader.pending()
-                assert not seg.lane_is_owned(0), "the kernel kept a dead process's lock"
-                # The dead owner's lane is not free until it is reclaimed.
-                assert seg.words[lane_word + L_OWNER_PID] == pid
-                assert [r.lane for r in LaneReclaimer(seg).scan()] == [0]
-                assert seg.words[lane_word + L_OWNER_PID] == 0
-            # A last owner pushes a known number of records and exits.
-            pid = fork_child(_doomed_producer, seg, killed_rounds, final_count, os.getpid())
-            pids[pid] = None
-            deadline = time.monotonic() + 30
-            while checker.counts.get(killed_rounds, 0) < final_count:
-                if not checker.drain():
-                    poll_children(pids)
-                    assert time.monotonic() < deadline, "the last producer stalled"
+        for round_ in range(killed_rounds):
+            pid = kids.fork(_doomed_producer, seg, round_, 0, os.getpid())
+            assert wait_for(lambda pid=pid: seg.words[lane_word + L_OWNER_PID] == pid)
+            assert seg.lane_owner(0) == pid
+            # Read for a while, or (sometimes) let the lane fill up so
+            # the child is spinning on a full lane when it dies.
+            until = time.monotonic() + rng.uniform(0.02, 0.2)
+            reading = rng.random() < 0.7
+            while time.monotonic() < until:
+                if reading:
+                    checker.drain(rng.randrange(1, 200))
+                else:
                     time.sleep(0.001)
-            if pids[pid] is None:
-                pids[pid] = reap(pid)
-            assert os.waitstatus_to_exitcode(pids[pid]) == 0
+            os.kill(pid, signal.SIGKILL)
+            code = kids.wait(pid)
+            assert code == -signal.SIGKILL, f"round {round_}: child ended ({code}) before the kill"
             checker.drain()
-            assert checker.counts[killed_rounds] == final_count
-            assert checker.round == killed_rounds
-            assert sum(checker.counts.values()) > final_count, "the killed rounds pushed nothing"
-            assert seg.words[lane_word + L_CLAIMS] == killed_rounds + 1
+            assert not checker.reader.pending()
+            assert seg.lane_owner(0) is None, "the kernel kept a dead process's lock"
+            # The dead owner's lane is not free until it is reclaimed.
+            assert seg.words[lane_word + L_OWNER_PID] == pid
+            assert [r.lane for r in LaneReclaimer(seg).scan()] == [0]
+            assert seg.words[lane_word + L_OWNER_PID] == 0
+        # A last owner pushes a known number of records and exits.
+        pid = kids.fork(_doomed_producer, seg, killed_rounds, final_count, os.getpid())
+        deadline = time.monotonic() + 30
+        while checker.counts.get(killed_rounds, 0) < final_count:
+            if not checker.drain():
+                assert_no_child_failed(kids)
+                assert time.monotonic() < deadline, "the last producer stalled"
+                time.sleep(0.001)
+        assert kids.wait(pid) == 0
+        checker.drain()
+        assert checker.counts[killed_rounds] == final_count
+        assert checker.round == killed_rounds
+        assert sum(checker.counts.values()) > final_count, "the killed rounds pushed nothing"
+        assert seg.words[lane_word + L_CLAIMS] == killed_rounds + 1
     finally:
         seg.close()
 
@@ -731,8 +691,8 @@ def test_attach_sees_the_same_geometry_and_memory() -> None:
             writer = writer_for(other, 2)
             assert writer.push(5, b"hello", 99)
             reader = reader_for(seg, 2)
-            assert [(e, bytes(b), ns) for e, b, ns in reader.read(10)] == [(5, b"hello", 99)]
-            reader.commit()
+            assert read_records(reader, 10) == [(5, b"hello", 99)]
+            reader.release()
             del writer, reader
         finally:
             other.close()
@@ -794,60 +754,53 @@ def test_attach_rejects_wrong_size() -> None:
 def _claim_and_report(seg: Segment, check_own: bool, out: int) -> int:
     lane = seg.claim_lane(os.getpid())
     if check_own:
-        owned = seg.lane_is_owned(lane)
+        owned = seg.lane_owner(lane) == os.getpid()
         os.write(out, b"1" if owned else b"0")
     os.write(out, bytes([255 if lane is None else lane]))
     time.sleep(30)  # hold the lane until killed
     return 0
 
 
-def test_claim_gives_distinct_lanes_and_none_when_full() -> None:
+def test_claim_gives_distinct_lanes_and_none_when_full(kids: Kids) -> None:
     seg = Segment.create(SMALL)
     r, w = os.pipe()
     try:
-        with children() as pids:
-            lanes = []
-            for _ in range(SMALL.lanes + 1):
-                pid = fork_child(_claim_and_report, seg, False, w)
-                pids[pid] = None
-                lanes.append(os.read(r, 1)[0])
-            assert lanes == [0, 1, 2, 255]
-            assert all(seg.lane_is_owned(lane) for lane in range(SMALL.lanes))
-            first = next(iter(pids))
-            os.kill(first, signal.SIGKILL)
-            pids[first] = os.waitpid(first, 0)[1]
-            assert not seg.lane_is_owned(0)
-            # Dead but not reclaimed: a new producer must not take it yet.
-            pid = fork_child(_claim_and_report, seg, False, w)
-            pids[pid] = None
-            assert os.read(r, 1)[0] == 255
-            assert [x.lane for x in LaneReclaimer(seg).scan()] == [0]
-            pid = fork_child(_claim_and_report, seg, False, w)
-            pids[pid] = None
-            assert os.read(r, 1)[0] == 0
+        pids, lanes = [], []
+        for _ in range(SMALL.lanes + 1):
+            pids.append(kids.fork(_claim_and_report, seg, False, w))
+            lanes.append(os.read(r, 1)[0])
+        assert lanes == [0, 1, 2, 255]
+        owners = [seg.lane_owner(lane) for lane in range(SMALL.lanes)]
+        assert owners == pids[: SMALL.lanes]
+        os.kill(pids[0], signal.SIGKILL)
+        assert kids.wait(pids[0]) == -signal.SIGKILL
+        assert seg.lane_owner(0) is None
+        # Dead but not reclaimed: a new producer must not take it yet.
+        kids.fork(_claim_and_report, seg, False, w)
+        assert os.read(r, 1)[0] == 255
+        assert [x.lane for x in LaneReclaimer(seg).scan()] == [0]
+        kids.fork(_claim_and_report, seg, False, w)
+        assert os.read(r, 1)[0] == 0
     finally:
         os.close(r)
         os.close(w)
         seg.close()
 
 
-def test_lane_is_owned_by_its_owner_keeps_the_claim() -> None:
+def test_lane_owner_asked_by_the_owner_keeps_the_claim(kids: Kids) -> None:
     """The owner asking about its own lane must see it owned and keep it."""
     seg = Segment.create(SMALL)
     r, w = os.pipe()
     try:
-        with children() as pids:
-            pid = fork_child(_claim_and_report, seg, True, w)
-            pids[pid] = None
-            owned, lane = read_exact(r, 2)
-            assert lane == 0
-            # Another process must not get the same lane.
-            other = fork_child(_claim_and_report, seg, False, w)
-            pids[other] = None
-            second = os.read(r, 1)[0]
-            assert (owned, second) == (ord("1"), 1), (
-                f"lane_is_owned in the owner said {chr(owned)} and the next claim got lane {second}"
-            )
+        kids.fork(_claim_and_report, seg, True, w)
+        owned, lane = read_exact(r, 2)
+        assert lane == 0
+        # Another process must not get the same lane.
+        kids.fork(_claim_and_report, seg, False, w)
+        second = os.read(r, 1)[0]
+        assert (owned, second) == (ord("1"), 1), (
+            f"lane_owner in the owner said {chr(owned)} and the next claim got lane {second}"
+        )
     finally:
         os.close(r)
         os.close(w)

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import orjson
 import pytest
-from conftest import wait_for
+from support import wait_for
 
 from mpevent.shm.segment import SHM_DIR, Segment
-from workers.sipproxy import SipProxy, parse_request
+from mpevent.workers.sipproxy import SipProxy, parse_request
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -32,7 +32,7 @@ the raise-to-receive latency.
 Run it against a daemon::
 
     mpevent serve --name mpevent &
-    python -m workers.sipproxy --name mpevent --workers 4 --port 5060
+    python -m mpevent.workers.sipproxy --name mpevent --workers 4 --port 5060
 
 or in-process (the demo and the tests)::
 
@@ -46,7 +46,6 @@ Everything stays on 127.0.0.0/8: the proxy refuses to bind elsewhere.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import fcntl
 import ipaddress
 import logging
@@ -61,9 +60,10 @@ from dataclasses import dataclass
 
 import mpevent
 from mpevent.api.connect import Connection
-from mpevent.protocol.config import DEFAULT_NAME
+from mpevent.defaults import SEGMENT_NAME
+from mpevent.system import die_with_parent, fork_call, set_rcvbuf
 
-log = logging.getLogger("workers.sipproxy")
+log = logging.getLogger("mpevent.workers.sipproxy")  # not __name__: "__main__" under -m
 
 E_SIP_REQUEST = "E_SIP_REQUEST"
 E_PIKE_BLOCKED = "E_PIKE_BLOCKED"
@@ -73,7 +73,6 @@ DEFAULT_PIKE_LIMIT = 1000
 DEFAULT_PIKE_WINDOW = 1.0
 RCVBUF = 4 << 20  # a burst from the flooder must not overflow the shared socket
 MAX_DATAGRAM = 65535
-SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)  # Linux; not exported by 3.11
 # The signals the master handles; blocked around fork so that a child never
 # runs the master's handlers (it installs its own first, then unblocks).
 _MASTER_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP}
@@ -367,6 +366,15 @@ def _child_loop(
 
 
 def _child_main(sock: socket.socket, conn: Connection, pike: Pike, index: int, master: int) -> int:
+    """A forked child's whole life; its return value is the exit code."""
+    try:
+        return _child_run(sock, conn, pike, index, master)
+    except Exception:
+        log.exception("worker %d crashed", index)
+        return 1
+
+
+def _child_run(sock: socket.socket, conn: Connection, pike: Pike, index: int, master: int) -> int:
     state = _ChildState()
 
     def on_term(signum: int, frame: object) -> None:
@@ -384,8 +392,9 @@ def _child_main(sock: socket.socket, conn: Connection, pike: Pike, index: int, m
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _MASTER_SIGNALS)
     # A master killed with SIGKILL cannot stop us: have the kernel do it.
-    if not die_with_parent(signal.SIGTERM, master):
-        return 0
+    die_with_parent(signal.SIGTERM)
+    if os.getppid() != master:
+        return 0  # it died before we asked
     return _child_loop(sock, conn, pike, index, state)
 
 
@@ -407,12 +416,12 @@ class SipProxy:
     ``start()`` forks the children and returns; the caller keeps running and
     calls ``reap()`` now and then so a child that died is replaced, and
     ``stop()`` at the end (also a context manager). ``run()`` is the
-    stand-alone arbiter loop behind ``python -m workers.sipproxy``.
+    stand-alone arbiter loop behind ``python -m mpevent.workers.sipproxy``.
     """
 
     def __init__(
         self,
-        name: str = DEFAULT_NAME,
+        name: str = SEGMENT_NAME,
         *,
         workers: int = 4,
         port: int = 0,
@@ -485,18 +494,12 @@ class SipProxy:
     def _spawn(self, index: int) -> int:
         assert self._sock is not None and self._conn is not None and self._pike is not None
         master = os.getpid()
+        # The child starts with the master's signals blocked and unblocks them
+        # once its own handlers are in place; fork_call ends it with os._exit,
+        # so it never returns into the caller's code (a test runner, the demo).
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _MASTER_SIGNALS)
         try:
-            pid = os.fork()
-            if pid == 0:
-                code = 1
-                try:
-                    code = _child_main(self._sock, self._conn, self._pike, index, master)
-                except BaseException:
-                    log.exception("worker %d crashed", index)
-                finally:
-                    # Never return into the caller's code (a test runner, the demo).
-                    os._exit(code)
+            pid = fork_call(_child_main, self._sock, self._conn, self._pike, index, master)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         self._children[pid] = index
@@ -608,27 +611,6 @@ class SipProxy:
         self._signals.append(signum)
 
 
-def set_rcvbuf(sock: socket.socket, size: int) -> None:
-    """Ask for a ``size``-byte receive buffer, past ``rmem_max`` when we may (root)."""
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, size)
-    except OSError:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
-
-
-_PR_SET_PDEATHSIG = 1
-
-
-def die_with_parent(sig: int, parent: int) -> bool:
-    """Ask Linux to send ``sig`` when our parent dies; False if it is already gone."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
-    except (OSError, AttributeError):
-        pass  # not Linux: the master's stop() is all there is
-    return os.getppid() == parent
-
-
 def _kill(pid: int, sig: int) -> None:
     try:
         os.kill(pid, sig)
@@ -644,9 +626,9 @@ def _status(status: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m workers.sipproxy", description=__doc__.split("\n")[0]
+        prog="python -m mpevent.workers.sipproxy", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("--name", default=DEFAULT_NAME, help="segment of the mpevent serve to use")
+    parser.add_argument("--name", default=SEGMENT_NAME, help="segment of the mpevent serve to use")
     parser.add_argument("--workers", type=int, default=4, help="children (default 4)")
     parser.add_argument("--host", default="127.0.0.1", help="an address in 127.0.0.0/8")
     parser.add_argument("--port", type=int, default=5060, help="UDP port, 0 = ephemeral")

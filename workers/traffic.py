@@ -1,4 +1,4 @@
-"""A SIP-like traffic generator for :mod:`workers.sipproxy`, on loopback only.
+"""A SIP-like traffic generator for :mod:`mpevent.workers.sipproxy`, on loopback only.
 
 This module owns the load side of the demo: ``sources`` well-behaved sources
 on 127.0.0.2, 127.0.0.3, ... (every 127.0.0.0/8 address is local on Linux,
@@ -14,7 +14,7 @@ what it owes for the time elapsed, so a late loop catches up instead of
 slowing down), sockets are non-blocking and replies are drained between
 sends. Run it by hand::
 
-    python -m workers.traffic --port 5060 --rate 1000 --seconds 5
+    python -m mpevent.workers.traffic --port 5060 --rate 1000 --seconds 5
 """
 
 from __future__ import annotations
@@ -224,7 +224,7 @@ def format_report(report: TrafficReport) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m workers.traffic", description=__doc__.split("\n")[0]
+        prog="python -m mpevent.workers.traffic", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--host", default="127.0.0.1", help="the proxy's address (loopback)")
     parser.add_argument("--port", type=int, default=5060, help="the proxy's UDP port")

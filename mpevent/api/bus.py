@@ -1,11 +1,14 @@
 """``EventBus``: mpevent embedded in a forking server's master process.
 
 Creating the bus creates an anonymous segment, the senders' doorbells and
-the hub's control socket, then forks the hub (which forks the senders). The
-master and every process it forks afterwards, at any depth, can then raise
-events: they inherit the mapping, and each claims its own lane on its first
-raise. Subscriptions and event declarations go to the hub over its control
-socket (the MI), from any of these processes.
+the hub's control socket, then starts the hub in a fresh interpreter (which
+starts the senders the same way): the hub inherits nothing of the
+application but those descriptors, so it works the same whatever threads,
+locks or sockets the application has. The master and every process it
+forks afterwards, at any depth, can then raise events: they inherit the
+mapping, and each claims its own lane on its first raise. Subscriptions
+and event declarations go to the hub over its control socket (the MI), from
+any of these processes.
 
 Only the process that created the bus closes it; ``close()`` in a forked
 child is a no-op, so a child that exits through the same code path as its
@@ -17,21 +20,24 @@ from __future__ import annotations
 import logging
 import os
 import secrets
-import signal
+import subprocess
 import time
 import weakref
 from typing import Any
 
+from mpevent import defaults
 from mpevent.api.client import MICallError, MIClient, MIUnavailable
-from mpevent.processes.hub import Hub, HubOptions, bind_datagram, keep_only_fds
+from mpevent.processes import launch
+from mpevent.processes.hub import HubOptions
 from mpevent.processes.producer import Producer
-from mpevent.processes.sender.loop import DEFAULT_BACKLOG
+from mpevent.processes.sender.backlog import BacklogLimits
 from mpevent.protocol.destination import parse_destination
 from mpevent.protocol.policy import DestinationPolicy
 from mpevent.shm import counters as stats
 from mpevent.shm.doorbell import Doorbell
 from mpevent.shm.layout import H_STATE, STATE_RUNNING, Geometry
 from mpevent.shm.segment import Segment
+from mpevent.system import bind_datagram
 
 log = logging.getLogger("mpevent")
 
@@ -45,14 +51,16 @@ class EventBus:
 
     def __init__(
         self,
-        senders: int = 1,
+        senders: int = defaults.SENDERS,
         *,
-        lanes: int = 32,
-        lane_size: int = 1 << 20,
-        max_events: int = 256,
-        max_subs: int = 1024,
-        backlog: int = DEFAULT_BACKLOG,
-        drain_timeout: float = 5.0,
+        lanes: int = defaults.LANES,
+        lane_size: int = defaults.LANE_SIZE,
+        max_events: int = defaults.MAX_EVENTS,
+        max_subs: int = defaults.MAX_SUBS,
+        backlog: int = defaults.BACKLOG,
+        backlog_bytes: int = defaults.BACKLOG_BYTES,
+        sender_backlog_bytes: int = defaults.SENDER_BACKLOG_BYTES,
+        drain_timeout: float = defaults.DRAIN_TIMEOUT,
         events: list[str] | tuple[str, ...] = (),
         allowed_networks: list[str] | None = None,
         unix_path_prefixes: list[str] | None = None,
@@ -64,53 +72,53 @@ class EventBus:
             max_events=max_events,
             max_subs=max_subs,
         )
+        # Checked here, like the geometry, before anything is allocated.
+        backlog_limits = BacklogLimits(backlog, backlog_bytes, sender_backlog_bytes)
         self._owner = os.getpid()
         self._seg = Segment.create(geometry)
         self._doorbells = [Doorbell.anonymous() for _ in range(senders)]
         control = parse_destination(f"unix:@mpevent-{os.getpid()}-{secrets.token_hex(6)}")
         sock = bind_datagram(control)
         options = HubOptions(
-            backlog=backlog,
+            backlog=backlog_limits,
             drain_timeout=drain_timeout,
             parent_pid=self._owner,
             stop_on_sigint=False,
             events=list(events),
             policy=DestinationPolicy.from_settings(allowed_networks, unix_path_prefixes),
         )
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                keep_only_fds(
-                    {self._seg.fd, sock.fileno()}
-                    | {fd for bell in self._doorbells for fd in (bell.read_fd, bell.write_fd)}
-                )
-                code = Hub(self._seg, self._doorbells, [sock], options).run()
-            except BaseException:
-                log.exception("hub crashed")
-            finally:
-                os._exit(code)
-        sock.close()
-        self._hub_pid = pid
+        try:
+            self._hub = launch.start_hub(
+                self._seg.fd,
+                [(bell.read_fd, bell.write_fd) for bell in self._doorbells],
+                sock.fileno(),
+                options,
+            )
+        except BaseException:
+            _release(self._seg, self._doorbells)
+            raise
+        finally:
+            sock.close()  # the hub has its own copy
         self._client = MIClient(control, timeout=10.0)
         self.producer = Producer(self._seg, self._doorbells)
         # The hot call goes straight to the producer: one Python call less.
         self.raise_event = self.producer.raise_event  # type: ignore[method-assign]
         self._wait_running()
         self._finalizer = weakref.finalize(
-            self, _shutdown, self._owner, pid, self._seg, self._doorbells
+            self, _shutdown, self._owner, self._hub, self._seg, self._doorbells
         )
 
-    def _wait_running(self, timeout: float = 10.0) -> None:
+    def _wait_running(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
         while self._seg.words[H_STATE] != STATE_RUNNING:
-            pid, _ = os.waitpid(self._hub_pid, os.WNOHANG)
-            if pid or time.monotonic() > deadline:
-                if not pid:
-                    os.kill(self._hub_pid, signal.SIGKILL)
-                    os.waitpid(self._hub_pid, 0)
+            exited = self._hub.poll() is not None
+            if exited or time.monotonic() > deadline:
+                if not exited:
+                    self._hub.kill()
+                    self._hub.wait()
                 _release(self._seg, self._doorbells)
-                raise BusError("the mpevent hub did not start")
+                how = f"exited with {self._hub.returncode}" if exited else "timed out"
+                raise BusError(f"the mpevent hub did not start ({how}; its log is on stderr)")
             time.sleep(0.001)
 
     # -- the API ------------------------------------------------------------
@@ -149,7 +157,7 @@ class EventBus:
 
     @property
     def hub_pid(self) -> int:
-        return self._hub_pid
+        return self._hub.pid
 
     @property
     def segment(self) -> Segment:
@@ -189,27 +197,19 @@ class EventBus:
         self.close()
 
 
-def _shutdown(owner: int, hub_pid: int, seg: Segment, doorbells: list[Doorbell]) -> None:
+def _shutdown(
+    owner: int, hub: subprocess.Popen[bytes], seg: Segment, doorbells: list[Doorbell]
+) -> None:
     if os.getpid() != owner:
         return  # a forked child: the bus belongs to its creator
-    try:
-        os.kill(hub_pid, signal.SIGTERM)
-    except ProcessLookupError:
-        pass
-    deadline = time.monotonic() + 60.0  # the hub bounds its own drain
-    while True:
+    if hub.poll() is None:
+        hub.terminate()
         try:
-            pid, _ = os.waitpid(hub_pid, os.WNOHANG)
-        except ChildProcessError:
-            break  # reaped by someone else (a server's own SIGCHLD handler)
-        if pid:
-            break
-        if time.monotonic() > deadline:
-            log.warning("mpevent hub %d did not stop in time; killing it", hub_pid)
-            os.kill(hub_pid, signal.SIGKILL)
-            os.waitpid(hub_pid, 0)
-            break
-        time.sleep(0.002)
+            hub.wait(60.0)  # the hub bounds its own drain
+        except subprocess.TimeoutExpired:
+            log.warning("mpevent hub %d did not stop in time; killing it", hub.pid)
+            hub.kill()
+            hub.wait()
     _release(seg, doorbells)
 
 

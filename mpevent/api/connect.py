@@ -24,8 +24,8 @@ import weakref
 from typing import Any
 
 from mpevent.api.client import MICallError, MIClient, MIUnavailable
+from mpevent.defaults import SEGMENT_NAME
 from mpevent.processes.producer import Producer
-from mpevent.protocol.config import DEFAULT_NAME
 from mpevent.shm import counters as stats
 from mpevent.shm.doorbell import Doorbell
 from mpevent.shm.layout import H_STATE, STATE_RUNNING
@@ -80,7 +80,7 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 class Connection:
     """A producer handle on a daemon's segment; survives daemon restarts."""
 
-    def __init__(self, name: str = DEFAULT_NAME, timeout: float = 5.0):
+    def __init__(self, name: str = SEGMENT_NAME, timeout: float = 5.0):
         self.name = name
         seg, doorbells, info = _attach(name, timeout)
         self._seg = seg
@@ -168,6 +168,6 @@ class Connection:
         self.close()
 
 
-def connect(name: str = DEFAULT_NAME, timeout: float = 5.0) -> Connection:
+def connect(name: str = SEGMENT_NAME, timeout: float = 5.0) -> Connection:
     """Attach to the segment of ``mpevent serve --name NAME`` (waits up to ``timeout``)."""
     return Connection(name, timeout)

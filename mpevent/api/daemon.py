@@ -26,13 +26,14 @@ from pathlib import Path
 import psutil
 
 from mpevent.api.mihttp import HttpMI
-from mpevent.processes.hub import Hub, HubOptions, SocketInUse, bind_datagram
+from mpevent.processes.hub import Hub, HubOptions
 from mpevent.protocol.config import ConfigError, ServeConfig, load
 from mpevent.protocol.destination import Destination
 from mpevent.shm.doorbell import Doorbell
 from mpevent.shm.layout import H_HUB_PID, H_STATE, STATE_STOPPED
 from mpevent.shm.segment import Segment, SegmentError, shm_path
 from mpevent.shm.table import write_info
+from mpevent.system import SocketInUse, bind_datagram
 
 log = logging.getLogger("mpevent.serve")
 

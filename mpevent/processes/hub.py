@@ -3,13 +3,20 @@
 One loop, in one process. Signals only append to a queue and wake the loop
 through a pipe (``signal.set_wakeup_fd``); the loop then:
 
-* answers MI requests on its datagram sockets (:mod:`mpevent.protocol.mi`);
-* publishes registry changes to the segment (:mod:`mpevent.shm.table`) and rings
-  the senders so they reload at once;
+* answers MI requests on its datagram sockets (:mod:`mpevent.protocol.mi`,
+  which shows counters and processes through :mod:`mpevent.protocol.mi_views`);
+* writes registry changes into the segment's table (:mod:`mpevent.shm.table`)
+  and rings the senders so they reload at once;
 * expires subscriptions on time;
-* reaps senders that died and starts new ones (they resume their lanes from
-  the committed ``head``);
+* reaps senders that died and starts new ones, each in a fresh interpreter
+  (:mod:`mpevent.processes.launch`); a new sender resumes its lanes from the
+  head its predecessor last stored;
+* frees the lanes of producers that died (:mod:`mpevent.processes.reclaim`);
 * in embedded mode, stops when the process that created the bus is gone.
+
+The hub itself is a fresh interpreter too: ``EventBus`` starts it through
+:mod:`mpevent.processes.launch`, and ``mpevent serve`` runs it in its own
+process. No process of mpevent is forked from an application.
 
 Stopping (SIGTERM, SIGINT in daemon mode, or the creator going away): the
 producers' probe is cleared so new events are refused at once, the senders
@@ -20,27 +27,28 @@ hub removes its sockets; the segment goes with its creator.
 from __future__ import annotations
 
 import errno
-import gc
 import logging
 import os
 import queue
 import select
 import signal
 import socket
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import psutil
 
+from mpevent import defaults
+from mpevent.processes import launch
 from mpevent.processes.producer import Producer
 from mpevent.processes.reclaim import LaneReclaimer
-from mpevent.processes.sender.loop import DEFAULT_BACKLOG, Sender
-from mpevent.protocol import mi
-from mpevent.protocol.destination import Destination, parse_destination
-from mpevent.protocol.policy import DestinationPolicy, DestinationRefused
+from mpevent.processes.sender.backlog import BacklogLimits
+from mpevent.protocol import mi, mi_views
+from mpevent.protocol.destination import Destination
+from mpevent.protocol.policy import DestinationPolicy
 from mpevent.protocol.registry import Registry
 from mpevent.shm import counters as stats
 from mpevent.shm import table
@@ -66,13 +74,15 @@ HOUSEKEEPING_INTERVAL = 0.2  # reclaiming dead producers' lanes, watching the pa
 
 @dataclass
 class HubOptions:
-    backlog: int = DEFAULT_BACKLOG
-    drain_timeout: float = 5.0
+    # The bounds of every sender's backlogs (backlog, backlog_bytes, sender_backlog_bytes).
+    backlog: BacklogLimits = field(default_factory=BacklogLimits)
+    drain_timeout: float = defaults.DRAIN_TIMEOUT
     parent_pid: int | None = None  # embedded mode: stop when this process is gone
     stop_on_sigint: bool = True  # daemon: yes; embedded: the creator decides
     events: list[str] = field(default_factory=list)
-    # Permanent subscriptions (event, socket), as OpenSIPS's subscribe_event.
-    subscriptions: list[tuple[str, str]] = field(default_factory=list)
+    # Permanent subscriptions, as OpenSIPS's subscribe_event: already
+    # parsed and allowed by the policy (mpevent.protocol.config).
+    subscriptions: list[tuple[str, Destination]] = field(default_factory=list)
     policy: DestinationPolicy = field(default_factory=DestinationPolicy)
     max_subs_per_event: int | None = None
     # Daemon: called on SIGHUP, returns new options (or None to keep these).
@@ -94,11 +104,11 @@ class Hub:
         g = seg.layout.geometry
         self.registry = Registry(g.max_events, g.max_subs, options.max_subs_per_event)
         self.started = time.time()
-        self.senders: dict[int, int] = {}  # pid -> sender index
+        self.senders: dict[int, tuple[int, subprocess.Popen[bytes]]] = {}  # pid -> index, process
         self._respawn: dict[int, float] = {}  # sender index -> when to start it again
         self._known_events = 0
         self._signals: list[int] = []
-        self._stat_baseline: dict[str, int] = {}
+        self._statistics = mi_views.StatisticsView()
         self._producer: Producer | None = None
         self.reclaimer = LaneReclaimer(seg)
         self._stopping = False
@@ -120,8 +130,8 @@ class Hub:
     def now_ns(self) -> int:
         return time.monotonic_ns()
 
-    def commit(self) -> None:
-        self._known_events = table.publish(self.seg, self.registry, self._known_events)
+    def store_table(self) -> None:
+        self._known_events = table.store_registry(self.seg, self.registry, self._known_events)
         if self._stopping:
             table.clear_counts(self.seg)
         for bell in self.doorbells:
@@ -133,32 +143,18 @@ class Hub:
         return self._producer.raise_event(event, params)
 
     def statistics(self) -> dict[str, int]:
-        flat: dict[str, int] = {}
-        data = stats.collect(self.seg)
-        for key, value in data["totals"].items():
-            flat[f"mpevent:{key}"] = value
-        for name, sums in data["events"].items():
-            for key, value in sums.items():
-                flat[f"event:{name}.{key}"] = value
-        for key in ("sent", "bytes", "failed", "dropped", "pending"):
-            flat[f"mpevent:destination_{key}"] = sum(r[key] for r in data["destinations"])
-        for row in data["destinations"]:
-            for key in ("sent", "bytes", "failed", "dropped", "pending", "econnrefused", "enoent"):
-                flat[f"destination:{row['event']}@{row['socket']}.{key}"] = row[key]
-        base = self._stat_baseline
-        return {k: v - base.get(k, 0) for k, v in flat.items()}
+        return self._statistics.read(mi_views.flat_statistics(stats.collect(self.seg)))
 
     def reset_statistics(self, names: list[str]) -> None:
-        current = self.statistics()
-        for name in names:
-            if name in current and not name.endswith(".pending"):
-                self._stat_baseline[name] = self._stat_baseline.get(name, 0) + current[name]
+        self._statistics.reset(mi_views.flat_statistics(stats.collect(self.seg)), names)
 
     def processes(self) -> list[dict[str, Any]]:
+        return mi_views.ps_rows(self._known_processes(), _measure)
+
+    def _known_processes(self) -> list[tuple[int, str]]:
         rows = [(os.getpid(), "hub")]
-        rows += [
-            (pid, f"sender {i}") for pid, i in sorted(self.senders.items(), key=lambda x: x[1])
-        ]
+        by_index = sorted((index, pid) for pid, (index, _) in self.senders.items())
+        rows += [(pid, f"sender {index}") for index, pid in by_index]
         layout = self.seg.layout
         for lane in range(layout.geometry.lanes):
             # The lane's record lock says whether its producer lives; the
@@ -166,53 +162,18 @@ class Hub:
             pid = self.seg.words[layout.lane_word(lane) + L_OWNER_PID]
             if pid and self.seg.lane_owner(lane) == pid:
                 rows.append((pid, f"producer lane {lane}"))
-        out = []
-        for pid, role in rows:
-            try:
-                p = psutil.Process(pid)
-                with p.oneshot():
-                    cpu = p.cpu_times()
-                    out.append(
-                        {
-                            "ID": len(out),
-                            "PID": pid,
-                            "Type": role,
-                            "CPU": round(cpu.user + cpu.system, 3),
-                            "RSS": p.memory_info().rss,
-                        }
-                    )
-            except psutil.Error:
-                continue
-        return out
+        return rows
 
     # -- senders ------------------------------------------------------------
 
     def spawn_sender(self, index: int) -> int:
-        pid = os.fork()
-        if pid:
-            self.senders[pid] = index
-            return pid
-        code = 1
-        try:
-            signal.set_wakeup_fd(-1)
-            for sig in (signal.SIGTERM, signal.SIGCHLD, signal.SIGHUP):
-                signal.signal(sig, signal.SIG_DFL)
-            # The hub decides when to stop; a terminal's Ctrl-C reaches the
-            # whole process group and must not kill a sender mid-batch.
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-            doorbell = self.doorbells[index]
-            keep_only_fds({self.seg.fd, doorbell.read_fd, doorbell.write_fd})
-            code = Sender(
-                self.seg,
-                index,
-                doorbell,
-                self.options.backlog,
-                parent_pid=os.getppid(),
-            ).run()
-        except BaseException:
-            log.exception("sender %d crashed", index)
-        finally:
-            os._exit(code)
+        """Start sender ``index`` in a fresh interpreter; it resumes its lanes
+        from the ``head`` its predecessor last released."""
+        proc = launch.start_sender(
+            self.seg.fd, index, self.doorbells[index].read_fd, self.options.backlog, os.getpid()
+        )
+        self.senders[proc.pid] = (index, proc)
+        return proc.pid
 
     def _reap(self) -> None:
         while True:
@@ -222,9 +183,11 @@ class Hub:
                 return
             if not pid:
                 return
-            index = self.senders.pop(pid, None)
-            if index is None:
+            known = self.senders.pop(pid, None)
+            if known is None:
                 continue
+            index, proc = known
+            proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
             if self._stopping:
                 continue
             log.warning(
@@ -284,7 +247,7 @@ class Hub:
             self._handle_signals()
             self._respawn_due()
             if self.registry.expire(time.monotonic_ns()):
-                self.commit()
+                self.store_table()
             now = time.monotonic()
             if now >= next_housekeeping:  # not on every MI request: syscalls per lane
                 next_housekeeping = now + HOUSEKEEPING_INTERVAL
@@ -322,25 +285,20 @@ class Hub:
         log.info("SIGHUP: configuration reloaded")
 
     def _apply_configured(self) -> None:
-        """Publish configured events; make permanent subscriptions match the config."""
+        """Declare configured events; make permanent subscriptions match the config
+        (parsed and allowed by the policy when the configuration was read)."""
         registry = self.registry
         for name in self.options.events:
-            registry.publish(name)
+            registry.declare(name)
         wanted = set()
-        for event, sock in self.options.subscriptions:
-            registry.publish(event)
-            dest = parse_destination(sock)
-            try:
-                self.options.policy.check(dest)
-            except DestinationRefused as exc:
-                log.error("subscription of %s not applied: %s", event, exc)
-                continue
-            wanted.add((event, dest))
+        for event, dest in self.options.subscriptions:  # in the file's order: stable slots
+            registry.declare(event)
             registry.subscribe(event, dest, None, self.now_ns())
+            wanted.add((event, dest))
         for event, dest in self._configured - wanted:
             registry.unsubscribe(event, dest)
         self._configured = wanted
-        self.commit()
+        self.store_table()
 
     def submit(self, raw: bytes, reply: Callable[[bytes | None], None]) -> None:
         """Hand a request to the loop from another thread; ``reply`` gets the answer."""
@@ -397,13 +355,10 @@ class Hub:
         while self.senders and time.monotonic_ns() < grace:
             self._reap()
             time.sleep(0.01)
-        for pid in list(self.senders):
+        for pid, (_, proc) in list(self.senders.items()):
             log.warning("sender pid %d did not stop in time; killing it", pid)
-            try:
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-            except (ProcessLookupError, ChildProcessError):
-                pass
+            proc.kill()
+            proc.wait()
             self.senders.pop(pid, None)
         words[H_STATE] = STATE_STOPPED
         for sock in self.mi_sockets:
@@ -414,60 +369,12 @@ class Hub:
         return 0
 
 
-def keep_only_fds(keep: set[int]) -> None:
-    """In a freshly forked child: close every descriptor but stdio and ``keep``.
-
-    A forked child inherits all of its parent's descriptors: the listening
-    sockets of the server that created the bus, a subscriber's socket the
-    test or the application holds... A hub or sender keeping them open keeps
-    ports bound and peers alive after their owner closed them. The Python
-    objects wrapping them stay behind, so they are frozen out of the garbage
-    collector first: one collected later would close whatever new descriptor
-    has taken its number.
-    """
-    gc.freeze()
-    low = 3
-    for fd in sorted(fd for fd in keep if fd >= 3):
-        os.closerange(low, fd)
-        low = fd + 1
-    os.closerange(low, os.sysconf("SC_OPEN_MAX"))
-
-
-class SocketInUse(OSError):
-    """A UNIX socket path another process listens on, or that is not a socket."""
-
-
-def claim_socket_path(path: Path) -> None:
-    """Make ``path`` free to bind: remove a socket file nobody listens on any more."""
-    if not (path.exists() or path.is_symlink()):
-        return
-    if not path.is_socket():
-        raise SocketInUse(f"{path} exists and is not a socket")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as probe:
-        try:
-            probe.connect(str(path))
-        except OSError:
-            path.unlink()  # left by a listener that is gone
-            return
-    raise SocketInUse(f"{path}: another process is bound to it")
-
-
-def bind_datagram(dest: Destination, mode: int | None = None) -> socket.socket:
-    """A non-blocking datagram socket bound to ``dest`` (the MI listener)."""
-    sock = socket.socket(dest.family, socket.SOCK_DGRAM)
+def _measure(pid: int) -> tuple[float, int] | None:
+    """CPU seconds and RSS of a process, or None when it is gone."""
     try:
-        if dest.family == socket.AF_UNIX:
-            path = dest.sockaddr
-            on_disk = isinstance(path, str) and path.startswith("/")  # not abstract
-            if on_disk:
-                claim_socket_path(Path(path))
-            sock.bind(path)
-            if on_disk and mode is not None:
-                os.chmod(path, mode)
-        else:
-            sock.bind(dest.sockaddr)
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
+        p = psutil.Process(pid)
+        with p.oneshot():
+            cpu = p.cpu_times()
+            return cpu.user + cpu.system, p.memory_info().rss
+    except psutil.Error:
+        return None

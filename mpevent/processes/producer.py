@@ -70,7 +70,7 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class UnknownEvent(ValueError):
-    """``raise_event`` for an event nobody published."""
+    """``raise_event`` for an event nobody declared (``publish_event``)."""
 
 
 class Producer:
@@ -127,7 +127,7 @@ class Producer:
         return event_id
 
     def _lookup(self, name: Any) -> int:
-        """Learn the events published since we last looked (rare, so locked:
+        """Learn the events declared since we last looked (rare, so locked:
         two threads must not both append the same events)."""
         check_event_name(name)
         with self._lock:

@@ -11,6 +11,9 @@ configuration it has). Example::
     lanes = 32
     lane_size = 1048576     # bytes, a power of two
     senders = 1
+    backlog = 16384                  # datagrams one slow destination may keep waiting
+    backlog_bytes = 4194304          # bytes one destination may keep waiting
+    sender_backlog_bytes = 67108864  # bytes all of one sender's backlogs may keep
 
     [mi]
     udp = "127.0.0.1:8080"  # "" disables a listener
@@ -40,14 +43,12 @@ from pathlib import Path
 
 import msgspec
 
-from mpevent.protocol.destination import DestinationError, parse_destination
+from mpevent import defaults
+from mpevent.processes.sender.backlog import BacklogLimits
+from mpevent.protocol.destination import Destination, DestinationError, parse_destination
 from mpevent.protocol.payload import check_event_name
-from mpevent.protocol.policy import DestinationPolicy, DestinationRefused
+from mpevent.protocol.policy import LOOPBACK, DestinationPolicy, DestinationRefused
 from mpevent.shm.layout import Geometry
-
-LOG_LEVELS = ("debug", "info", "warning", "error")
-DEFAULT_NAME = "mpevent"
-DEFAULT_MI_UDP = "127.0.0.1:8080"
 
 
 class ConfigError(ValueError):
@@ -69,32 +70,34 @@ class _Strict(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
 
 
 class SegmentSection(_Strict):
-    name: str = DEFAULT_NAME
-    lanes: int = 32
-    lane_size: int = 1 << 20
-    senders: int = 1
-    max_events: int = 256
-    max_subs: int = 1024
-    backlog: int = 16384
-    drain_timeout: float = 5.0
+    name: str = defaults.SEGMENT_NAME
+    lanes: int = defaults.LANES
+    lane_size: int = defaults.LANE_SIZE
+    senders: int = defaults.SENDERS
+    max_events: int = defaults.MAX_EVENTS
+    max_subs: int = defaults.MAX_SUBS
+    backlog: int = defaults.BACKLOG
+    backlog_bytes: int = defaults.BACKLOG_BYTES
+    sender_backlog_bytes: int = defaults.SENDER_BACKLOG_BYTES
+    drain_timeout: float = defaults.DRAIN_TIMEOUT
 
 
 class MISection(_Strict):
     udp: str | None = None  # None: the default; "": disabled
     unix: str | None = None
-    unix_mode: str = "0660"
+    unix_mode: str = f"{defaults.MI_UNIX_MODE:04o}"
     http: str = ""
     allow_remote: bool = False  # bind beyond loopback (a warning is logged)
 
 
 class SecuritySection(_Strict):
-    allowed_networks: list[str] = msgspec.field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
+    allowed_networks: list[str] = msgspec.field(default_factory=lambda: [str(n) for n in LOOPBACK])
     unix_path_prefixes: list[str] = msgspec.field(default_factory=list)
-    max_subs_per_event: int = 256
+    max_subs_per_event: int = defaults.MAX_SUBS_PER_EVENT
 
 
 class LogSection(_Strict):
-    level: str = "info"
+    level: str = defaults.LOG_LEVEL
 
 
 class Subscribe(_Strict):
@@ -117,7 +120,7 @@ class ServeConfig:
 
     name: str
     geometry: Geometry
-    backlog: int
+    backlog: BacklogLimits  # the keys backlog, backlog_bytes and sender_backlog_bytes
     drain_timeout: float
     mi_udp: tuple[str, int] | None
     mi_unix: Path | None
@@ -125,7 +128,9 @@ class ServeConfig:
     mi_http: tuple[str, int] | None
     log_level: str
     events: tuple[str, ...]
-    subscriptions: tuple[tuple[str, str], ...]  # (event, canonical socket)
+    # Permanent subscriptions (event, destination), parsed and allowed by
+    # ``policy`` here, once: the hub applies them as they are.
+    subscriptions: tuple[tuple[str, Destination], ...]
     policy: DestinationPolicy
     max_subs_per_event: int
     runtime_dir: Path
@@ -181,13 +186,16 @@ def _validate(c: FileConfig, where: str) -> ServeConfig:
     except (TypeError, ValueError) as exc:
         key = str(exc).split(" ", 1)[0]
         raise fail(f"segment.{key}", str(exc)) from None
-    if seg.backlog < 1:
-        raise fail("segment.backlog", f"must be at least 1, got {seg.backlog}")
+    try:
+        backlog = BacklogLimits(seg.backlog, seg.backlog_bytes, seg.sender_backlog_bytes)
+    except (TypeError, ValueError) as exc:
+        key = str(exc).split(" ", 1)[0]
+        raise fail(f"segment.{key}", str(exc)) from None
     if not 0 <= seg.drain_timeout <= 3600:
         raise fail("segment.drain_timeout", f"must be 0..3600 seconds, got {seg.drain_timeout}")
     rundir = runtime_dir()
     mi = c.mi
-    udp = _host_port(DEFAULT_MI_UDP if mi.udp is None else mi.udp, "mi.udp", fail, mi.allow_remote)
+    udp = _host_port(defaults.MI_UDP if mi.udp is None else mi.udp, "mi.udp", fail, mi.allow_remote)
     http = _host_port(mi.http, "mi.http", fail, mi.allow_remote)
     unix = None
     if mi.unix is None:
@@ -205,8 +213,9 @@ def _validate(c: FileConfig, where: str) -> ServeConfig:
     except ValueError:
         raise fail("mi.unix_mode", f"{mi.unix_mode!r} is not an octal mode like '0660'") from None
     level = c.log.level.lower()
-    if level not in LOG_LEVELS:
-        raise fail("log.level", f"{c.log.level!r} is not one of {', '.join(LOG_LEVELS)}")
+    if level not in defaults.LOG_LEVELS:
+        levels = ", ".join(defaults.LOG_LEVELS)
+        raise fail("log.level", f"{c.log.level!r} is not one of {levels}")
     for i, name in enumerate(c.events):
         try:
             check_event_name(name)
@@ -222,7 +231,7 @@ def _validate(c: FileConfig, where: str) -> ServeConfig:
         raise fail(
             "security.max_subs_per_event", f"must be at least 1, got {sec.max_subs_per_event}"
         )
-    subs = []
+    subs: list[tuple[str, Destination]] = []
     for i, sub in enumerate(c.subscribe):
         try:
             check_event_name(sub.event)
@@ -233,12 +242,12 @@ def _validate(c: FileConfig, where: str) -> ServeConfig:
             policy.check(dest)
         except (DestinationError, DestinationRefused) as exc:
             raise fail(f"subscribe[{i}].socket", str(exc)) from None
-        subs.append((sub.event, str(dest)))
+        subs.append((sub.event, dest))
     events = tuple(dict.fromkeys([*c.events, *(e for e, _ in subs)]))
     return ServeConfig(
         name=seg.name,
         geometry=geometry,
-        backlog=seg.backlog,
+        backlog=backlog,
         drain_timeout=seg.drain_timeout,
         mi_udp=udp,
         mi_unix=unix,

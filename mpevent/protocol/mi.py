@@ -7,8 +7,9 @@ control socket) all call it, so every transport behaves the same.
 
 Method names, parameter names, result shapes and error codes are OpenSIPS's,
 so OpenSIPS tools (the ``opensips`` Python package, opensips-cli) work
-unchanged. ``event_publish`` is mpevent's own addition: OpenSIPS modules
-publish their events in C; mpevent's producers do it through the MI.
+unchanged. ``event_publish`` is mpevent's own addition, named in OpenSIPS's
+words: it declares an event, which OpenSIPS modules do in C and mpevent's
+producers do through the MI.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any, Protocol
 
 import orjson
 
+from mpevent import defaults
 from mpevent.protocol.destination import DestinationError, parse_destination
 from mpevent.protocol.payload import PayloadError
 from mpevent.protocol.policy import DestinationPolicy, DestinationRefused
@@ -27,11 +29,10 @@ from mpevent.protocol.registry import DEFAULT_EXPIRE, Registry, RegistryError
 
 log = logging.getLogger("mpevent.mi")
 
-VERSION = "0.1.0"
 MAX_REQUEST = 65536
 MAX_BATCH = 32  # a batch's replies must fit a datagram reply too
 # OpenSIPS reads expire as a C int. Larger values would also overflow the
-# 64-bit deadline (ns) that the hub publishes in the subscription table.
+# 64-bit deadline (ns) that the hub stores in the subscription table.
 MAX_EXPIRE = 2**31 - 1
 
 PARSE_ERROR = -32700
@@ -61,7 +62,9 @@ class HubState(Protocol):
     started: float  # wall-clock start time
 
     def now_ns(self) -> int: ...
-    def commit(self) -> None: ...
+    def store_table(self) -> None:
+        """Store the registry in the segment, wake the senders; ValueError: it does not fit."""
+
     def raise_event(self, event: str, params: Any) -> bool: ...
     def statistics(self) -> dict[str, int]: ...
     def reset_statistics(self, names: list[str]) -> None: ...
@@ -197,13 +200,13 @@ def too_large_reply(raw: bytes, size: int) -> bytes:
 
 
 @method("event_publish", required=("event",))
-def _event_publish(state: HubState, p: dict[str, Any]) -> dict[str, Any]:
+def _declare_event(state: HubState, p: dict[str, Any]) -> dict[str, Any]:
     name = _str(p, "event")
     try:
-        event_id = state.registry.publish(name)
+        event_id = state.registry.declare(name)
     except (TypeError, ValueError) as exc:
         raise MIError(400, f"Bad parameter value: {exc}") from None
-    state.commit()
+    state.store_table()
     return {"name": name, "id": event_id}
 
 
@@ -232,13 +235,13 @@ def _event_subscribe(state: HubState, p: dict[str, Any]) -> str:
     undo = None if before is None else (before.expire, before.start_ns, before.deadline_ns)
     registry.subscribe(event, dest, expire, state.now_ns())
     try:
-        state.commit()
+        state.store_table()
     except ValueError as exc:  # the table does not fit: take the change back
         if before is None or undo is None:
             registry.unsubscribe(event, dest)
         else:  # a refresh: restore what it had (it was left changed before)
             before.expire, before.start_ns, before.deadline_ns = undo
-        state.commit()
+        state.store_table()
         raise MIError(400, f"Cannot subscribe: {exc}") from None
     return "OK"
 
@@ -387,7 +390,7 @@ def _uptime(state: HubState, p: dict[str, Any]) -> dict[str, Any]:
 
 @method("version")
 def _version(state: HubState, p: dict[str, Any]) -> dict[str, str]:
-    return {"Server": f"mpevent {VERSION}"}
+    return {"Server": f"mpevent {defaults.version()}"}
 
 
 @method("which")

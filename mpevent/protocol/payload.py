@@ -125,7 +125,7 @@ def _has_nonfinite(value: Any) -> bool:
 
 
 class Notification:
-    """Builds the datagrams of one event: one object per published event."""
+    """Builds the datagrams of one event: one object per declared event."""
 
     __slots__ = ("bare", "name", "prefix")
 

@@ -1,8 +1,10 @@
-"""Published events and their subscriptions: the hub's state, as pure logic.
+"""Declared events and their subscriptions: the hub's state, as pure logic.
 
-This is the model OpenSIPS's Event Interface keeps: a list of published
-events (ids given in order of publication, never reused) and, per event, the
-subscribers, each a destination with an expire time. No I/O: time comes in as
+This is the model OpenSIPS's Event Interface keeps: a list of declared
+events (ids given in order of declaration, never reused) and, per event, the
+subscribers, each a destination with an expire time. (Users declare an event
+with ``publish_event``, the MI's ``event_publish``: those names are
+OpenSIPS's and the public API's.) No I/O: time comes in as
 an argument (monotonic nanoseconds), so expiry is tested without sleeping.
 
 Rules, as OpenSIPS:
@@ -40,7 +42,7 @@ class RegistryError(ValueError):
 
 
 class Route(msgspec.Struct, array_like=True, frozen=True):
-    """What a sender needs of one subscription (published in the segment)."""
+    """What a sender needs of one subscription (stored in the segment's table)."""
 
     slot: int
     sub_id: int
@@ -52,18 +54,17 @@ class Route(msgspec.Struct, array_like=True, frozen=True):
     deadline_ns: int  # 0: never expires
 
     @property
-    def sockaddr(self) -> tuple[str, int] | tuple[str, int, int, int] | str:
-        return self.destination.sockaddr
-
-    @property
     def destination(self) -> Destination:
         return Destination(self.kind, self.family, self.host, self.port)  # type: ignore[arg-type]
 
 
 class Snapshot(msgspec.Struct, array_like=True):
-    """The whole subscription table as the hub publishes it."""
+    """The whole subscription table as the hub stores it in the segment.
 
-    version: int
+    It carries no version of its own: the table's sequence word in the
+    segment (:mod:`mpevent.shm.table`) is what changes with every store.
+    """
+
     routes: list[Route]
 
 
@@ -107,11 +108,10 @@ class Registry:
         self._subs: dict[tuple[int, Destination], Subscription] = {}
         self._free_slots = list(range(max_subs - 1, -1, -1))
         self._next_sub_id = 1
-        self.version = 0  # bumped on every change
 
     # -- events -----------------------------------------------------------
 
-    def publish(self, name: str) -> int:
+    def declare(self, name: str) -> int:
         """Declare an event (idempotent) and return its id."""
         event_id = self._event_ids.get(name)
         if event_id is not None:
@@ -125,7 +125,6 @@ class Registry:
         event_id = len(self.events)
         self.events.append(name)
         self._event_ids[name] = event_id
-        self.version += 1
         return event_id
 
     def event_id(self, name: str) -> int:
@@ -175,7 +174,6 @@ class Registry:
             )
             self._next_sub_id += 1
             self._subs[key] = sub
-        self.version += 1
         return sub
 
     def unsubscribe(self, event: str, destination: Destination) -> bool:
@@ -183,7 +181,6 @@ class Registry:
         if sub is None:
             return False
         self._free_slots.append(sub.slot)
-        self.version += 1
         return True
 
     def expire(self, now_ns: int) -> list[Subscription]:
@@ -192,8 +189,6 @@ class Registry:
         for sub in gone:
             del self._subs[(sub.event_id, sub.destination)]
             self._free_slots.append(sub.slot)
-        if gone:
-            self.version += 1
         return gone
 
     def next_deadline(self) -> int | None:
@@ -216,4 +211,4 @@ class Registry:
         return counts
 
     def snapshot(self) -> Snapshot:
-        return Snapshot(self.version, [s.route() for s in self._subs.values()])
+        return Snapshot([s.route() for s in self._subs.values()])

@@ -3,13 +3,20 @@
 Producers count per (lane, event), senders per (lane, event) and per
 (sender, subscription); every block has one writer, so no increment is ever
 lost. Reading sums the blocks; any process mapping the segment can do it.
+What each word means is in :mod:`mpevent.shm.layout`.
 
-The sums obey (guarantee 4, "accounting is exact")::
+Accounting is exact, so users can prove nothing vanished silently. The sums
+obey::
 
     per event:        raised   = enqueued + dropped + rejected  (by definition:
                       each call that finds a subscriber ends in exactly one)
     after a drain:    enqueued = dispatched + unrouted + send_oversize + lost
     per destination:  routed   = sent + failed + dropped + pending
+
+Every term of the last one is counted on its own (``pending`` is what waits
+in the destination's backlog, stored by its sender), so it is a check, not
+a definition; once the destinations have taken what waited, pending is 0.
+Counters are read without a common snapshot: check them on a quiet bus.
 
 ``no_subscriber`` counts raise_event calls that returned at the probe
 because nobody was subscribed; they are not "raised".
@@ -74,7 +81,7 @@ def destination_counters(seg: Segment, snapshot: Snapshot | None = None) -> list
     words, layout = seg.words, seg.layout
     if snapshot is None:
         got = read_snapshot(seg)
-        snapshot = got[1] if got else Snapshot(0, [])
+        snapshot = got[1] if got else Snapshot([])
     names = event_names(seg)
     rows = []
     for route in snapshot.routes:
@@ -85,7 +92,6 @@ def destination_counters(seg: Segment, snapshot: Snapshot | None = None) -> list
                 continue  # this sender has not served the subscription yet
             for i, key in enumerate(DEST_COUNTERS):
                 sums[key] += words[w + i]
-        sums["pending"] = sums["routed"] - sums["sent"] - sums["failed"] - sums["dropped"]
         event = names[route.event_id] if route.event_id < len(names) else str(route.event_id)
         rows.append({"event": event, "socket": str(route.destination), **sums})
     return rows

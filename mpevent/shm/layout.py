@@ -1,7 +1,7 @@
 """Where everything lives in the shared-memory segment: pure arithmetic.
 
-The segment has a fixed size chosen at creation (guarantee 2: bounded
-memory). Every process computes the same :class:`Layout` from the numbers
+The segment has a fixed size chosen at creation, so its memory stays
+bounded whatever the load. Every process computes the same :class:`Layout` from the numbers
 stored in the header, so a process that attaches by name needs nothing but
 the segment itself.
 
@@ -20,7 +20,7 @@ Region order::
     lanes         192 B per lane: tail line, head line, owner line
     prod_counters 64 B per (lane + 1 spare block) x event, written by producers
     cons_counters 64 B per lane x event, written by the lane's sender
-    dest_counters 64 B per sender x subscription slot, written by that sender
+    dest_counters 128 B per sender x subscription slot, written by that sender
     lane_data     lane_size B per lane
 """
 
@@ -28,8 +28,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mpevent import defaults
+
 MAGIC = 0x3156_4E45_5645_504D  # b"MPEVENV1" little-endian
-LAYOUT_VERSION = 3
+LAYOUT_VERSION = 4
 CACHE_LINE = 64
 HEADER_BYTES = 4096
 MAX_SENDERS = 64
@@ -46,7 +48,6 @@ H_MAX_SUBS = 6
 H_TABLE_BYTES = 7
 H_STATE = 8
 H_HUB_PID = 9
-H_CREATED_NS = 10
 H_TABLE_GEN = 11
 H_EVENT_COUNT = 12
 H_DRAIN_DEADLINE_NS = 13
@@ -90,35 +91,83 @@ L_CLAIMS = 3
 L_HEAD = 8
 LANE_BLOCK_WORDS = 24
 
-# Counters: 8 words per (lane, event) or (sender, subscription).
-COUNTER_WORDS = 8
+# Counters. Each tuple names the words of one kind of counter block, in
+# order: counters.py sums the blocks by these names, and the index constants
+# below are looked up in the tuples (a name that is not there fails at
+# import), so the two cannot drift apart.
+COUNTER_WORDS = 8  # words per (lane, event) block, producers' and senders' alike
+DEST_COUNTER_WORDS = 16  # words per (sender, subscription slot) block: two cache lines
+
 # Producer side, per lane and event. Every raise_event call that finds a
 # subscriber ends in exactly one of enqueued, dropped or rejected, so
 # "raised" is their sum (one increment less on the fast path).
-P_ENQUEUED = 0
-P_DROPPED = 1  # lane full, or no lane free
-P_REJECTED = 2  # bad params or oversize
-P_OVERSIZE = 3  # among the rejected
-P_NO_SUBSCRIBER = 4  # returned at the probe: not raised
-PRODUCER_COUNTERS = ("enqueued", "dropped", "rejected", "oversize", "no_subscriber")
+PRODUCER_COUNTERS = (
+    "enqueued",
+    "dropped",  # lane full, or no lane free
+    "rejected",  # bad params or oversize
+    "oversize",  # among the rejected
+    "no_subscriber",  # returned at the probe: not raised
+)
+P_ENQUEUED = PRODUCER_COUNTERS.index("enqueued")
+P_DROPPED = PRODUCER_COUNTERS.index("dropped")
+P_REJECTED = PRODUCER_COUNTERS.index("rejected")
+P_OVERSIZE = PRODUCER_COUNTERS.index("oversize")
+P_NO_SUBSCRIBER = PRODUCER_COUNTERS.index("no_subscriber")
+
 # Consumer side, per lane and event. After a drain, per lane and event:
 # taken = dispatched + unrouted + send_oversize + lost.
-C_DISPATCHED = 0  # events handed to every subscriber's socket
-C_UNROUTED = 1  # events whose subscribers had all gone by send time
-C_OVERSIZE = 2  # events the sender refused to send as too large
-C_TAKEN = 3  # records taken from the lane (counted before head moves)
-C_LOST = 4  # taken by a sender that was killed before it sent them
-CONSUMER_COUNTERS = ("dispatched", "unrouted", "send_oversize", "taken", "lost")  # by index
-# Destination side, per sender and subscription slot.
-D_ROUTED = 0  # datagrams handed to this destination
-D_SENT = 1
-D_BYTES = 2
-D_FAILED = 3
-D_DROPPED = 4  # backlog full
-D_ECONNREFUSED = 5
-D_ENOENT = 6
-D_ID = 7  # id of the subscription these counters belong to
-DEST_COUNTERS = ("routed", "sent", "bytes", "failed", "dropped", "econnrefused", "enoent")
+CONSUMER_COUNTERS = (
+    "dispatched",  # events handed to every subscriber's endpoint
+    "unrouted",  # events whose subscribers had all gone by send time
+    "send_oversize",  # events the sender refused to send as too large
+    "taken",  # records taken from the lane (counted before head moves)
+    "lost",  # taken by a sender that was killed before it sent them
+)
+C_DISPATCHED = CONSUMER_COUNTERS.index("dispatched")
+C_UNROUTED = CONSUMER_COUNTERS.index("unrouted")
+C_OVERSIZE = CONSUMER_COUNTERS.index("send_oversize")
+C_TAKEN = CONSUMER_COUNTERS.index("taken")
+C_LOST = CONSUMER_COUNTERS.index("lost")
+
+# Destination side, per sender and subscription slot: what became of the
+# datagrams routed to it. Each is counted once, so
+# routed = sent + failed + dropped + pending holds whenever the sender has
+# stored its counters (it stores each word on its own; pending is counted,
+# not derived, so the equation is a check).
+DEST_COUNTERS = (
+    "routed",  # datagrams handed to this destination's endpoint
+    "sent",
+    "bytes",  # of the sent datagrams
+    "failed",  # the send failed (econnrefused and enoent among them)
+    # Not kept when the destination could not take it: its backlog was full
+    # (the ``backlog`` datagrams or ``backlog_bytes`` bytes of one
+    # destination, or ``sender_backlog_bytes`` for all of a sender's
+    # backlogs together), or the backlog was discarded (subscription gone,
+    # sender stopped or killed).
+    "dropped",
+    "econnrefused",
+    "enoent",
+    "pending",  # waiting in the destination's backlog now
+)
+D_ROUTED = DEST_COUNTERS.index("routed")
+D_SENT = DEST_COUNTERS.index("sent")
+D_BYTES = DEST_COUNTERS.index("bytes")
+D_FAILED = DEST_COUNTERS.index("failed")
+D_DROPPED = DEST_COUNTERS.index("dropped")
+D_ECONNREFUSED = DEST_COUNTERS.index("econnrefused")
+D_ENOENT = DEST_COUNTERS.index("enoent")
+D_PENDING = DEST_COUNTERS.index("pending")
+D_ID = len(DEST_COUNTERS)  # the word after them: the subscription these counters belong to
+
+
+def _check_block(names: tuple[str, ...], words: int) -> None:
+    if len(names) > words or len(set(names)) != len(names):
+        raise AssertionError(f"counter block {names} does not fit {words} words (or repeats one)")
+
+
+_check_block(PRODUCER_COUNTERS, COUNTER_WORDS)
+_check_block(CONSUMER_COUNTERS, COUNTER_WORDS)
+_check_block((*DEST_COUNTERS, "id"), DEST_COUNTER_WORDS)
 
 # Record header in a lane: two words, length | event_id << 32 | flags << 48,
 # and the raise time in ns (see mpevent.shm.ring).
@@ -134,12 +183,12 @@ def _align(n: int, to: int = CACHE_LINE) -> int:
 class Geometry:
     """The numbers a segment is created with (all stored in its header)."""
 
-    lanes: int = 32
-    lane_size: int = 1 << 20
-    senders: int = 1
-    max_events: int = 256
-    max_subs: int = 1024
-    table_bytes: int = 256 * 1024
+    lanes: int = defaults.LANES
+    lane_size: int = defaults.LANE_SIZE
+    senders: int = defaults.SENDERS
+    max_events: int = defaults.MAX_EVENTS
+    max_subs: int = defaults.MAX_SUBS
+    table_bytes: int = defaults.TABLE_BYTES
 
     def __post_init__(self) -> None:
         _check_range("lanes", self.lanes, 1, 4096)
@@ -193,7 +242,7 @@ class Layout:
         cons_counters_at = at
         at += g.lanes * g.max_events * COUNTER_WORDS * 8
         dest_counters_at = at
-        at += g.senders * g.max_subs * COUNTER_WORDS * 8
+        at += g.senders * g.max_subs * DEST_COUNTER_WORDS * 8
         lane_data_at = _align(at, 4096)
         size = lane_data_at + g.lanes * g.lane_size
         return cls(
@@ -225,13 +274,16 @@ class Layout:
 
     def prod_counter_word(self, lane: int, event_id: int) -> int:
         """``lane == geometry.lanes`` is the spare block for lane-less producers."""
-        return self.prod_counters_at // 8 + (lane * self.geometry.max_events + event_id) * 8
+        block = lane * self.geometry.max_events + event_id
+        return self.prod_counters_at // 8 + block * COUNTER_WORDS
 
     def cons_counter_word(self, lane: int, event_id: int) -> int:
-        return self.cons_counters_at // 8 + (lane * self.geometry.max_events + event_id) * 8
+        block = lane * self.geometry.max_events + event_id
+        return self.cons_counters_at // 8 + block * COUNTER_WORDS
 
     def dest_counter_word(self, sender: int, slot: int) -> int:
-        return self.dest_counters_at // 8 + (sender * self.geometry.max_subs + slot) * 8
+        block = sender * self.geometry.max_subs + slot
+        return self.dest_counters_at // 8 + block * DEST_COUNTER_WORDS
 
     def lane_sender(self, lane: int) -> int:
         """The sender that drains ``lane``: a fixed assignment, one consumer per lane."""

@@ -36,17 +36,17 @@ it.
 
 A producer killed at any instruction either published its ``tail`` (the whole
 record is there) or did not (the record does not exist); the next owner of
-the lane continues from the published ``tail``. The consumer publishes
-``head`` after it has copied what it read, so the producer never overwrites
-bytes still being read.
+the lane continues from the published ``tail``.
+
+The consumer *releases* the space it has read by storing ``head``, and only
+after it has copied the records out, so the producer never overwrites bytes
+still being read.
 """
 
 from __future__ import annotations
 
 import platform
-import sys
 import threading
-from collections.abc import Iterator
 
 from mpevent.shm.layout import (
     FLAG_WRAP,
@@ -158,9 +158,6 @@ class LaneWriter(_LaneEnd):
         self.tail += to_end
         return self.push(event_id, body, raised_ns)
 
-    def used(self) -> int:
-        return self.tail - self._q[self._head_word]
-
 
 class LaneReader(_LaneEnd):
     """The consumer end of a lane. Only one sender drains a lane at a time."""
@@ -169,29 +166,11 @@ class LaneReader(_LaneEnd):
 
     def __init__(self, buf: memoryview, words: memoryview, ctl_word: int, data_at: int, size: int):
         super().__init__(buf, words, ctl_word, data_at, size)
-        # Resume from the last committed position (a respawned sender).
+        # Resume from the last released position (a respawned sender).
         self.head = words[self._head_word]
 
     def pending(self) -> bool:
         return self._q[self._tail_word] != self.head
-
-    def read(self, limit: int) -> Iterator[tuple[int, memoryview, int]]:
-        """Yield up to ``limit`` records as (event id, body view, raise ns).
-
-        Record by record, across the end of the lane: :meth:`read_span` in
-        a loop (``head`` moves a stretch at a time). The views point into
-        the lane: use them before :meth:`commit`, which hands their bytes
-        back to the producer.
-        """
-        while limit > 0:
-            records, stretch, _ = self.read_span(limit, self._size)
-            if not records:
-                return
-            limit -= len(records)
-            for event_id, at, n in records:
-                # The raise time is the header's second word, just before the body.
-                raised_ns = int.from_bytes(stretch[at - 8 : at], sys.byteorder)
-                yield event_id, stretch[at : at + n], raised_ns
 
     def read_span(
         self, limit: int, max_bytes: int
@@ -204,8 +183,10 @@ class LaneReader(_LaneEnd):
         (oldest) record, 0 when there is none. A sender copies the stretch
         once, with one ``memcpy``, instead of every body on its own. A
         stretch never wraps around the end of the lane: a record written at
-        offset 0 comes in the next call. Like :meth:`read`, the view is
-        valid until :meth:`commit`.
+        offset 0 comes in the next call. The stretch is valid until
+        :meth:`release`, which hands its bytes back to the producer. Each
+        record's header lies just before its body in the stretch (its second
+        word is the record's raise time).
         """
         tail = self._q[self._tail_word]  # read tail before any byte below it
         if NEEDS_FENCE:
@@ -251,8 +232,8 @@ class LaneReader(_LaneEnd):
         stretch = self._buf[base + start : base + (head & mask or size)]
         return records, stretch, first_raised_ns
 
-    def commit(self) -> None:
-        """Publish ``head``: everything read so far may be overwritten."""
+    def release(self) -> None:
+        """Store ``head``: the space of everything read so far may be overwritten."""
         if NEEDS_FENCE:
             fence()  # our loads of the bodies complete before the producer reuses them
         self._q[self._head_word] = self.head

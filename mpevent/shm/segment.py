@@ -29,12 +29,10 @@ import fcntl
 import mmap
 import os
 import struct
-import time
 import weakref
 from pathlib import Path
 
 from mpevent.shm.layout import (
-    H_CREATED_NS,
     H_LANE_SIZE,
     H_LANES,
     H_MAGIC,
@@ -114,8 +112,9 @@ class Segment:
             os.fchmod(fd, SEGMENT_MODE)
             os.ftruncate(fd, layout.size)
             # Allocate every page up front: the segment's memory is fixed at
-            # creation (guarantee 2), and a full /dev/shm fails here, with a
-            # clear error, rather than as SIGBUS in a producer later.
+            # creation (memory stays bounded whatever the load), and a full
+            # /dev/shm fails here, with a clear error, rather than as SIGBUS
+            # in a producer later.
             try:
                 os.posix_fallocate(fd, 0, layout.size)
             except OSError as exc:
@@ -136,7 +135,6 @@ class Segment:
         w[H_MAX_EVENTS] = geometry.max_events
         w[H_MAX_SUBS] = geometry.max_subs
         w[H_TABLE_BYTES] = geometry.table_bytes
-        w[H_CREATED_NS] = time.monotonic_ns()
         w[H_MAGIC] = MAGIC  # last: an attacher that sees it sees the geometry
         return seg
 
@@ -148,41 +146,57 @@ class Segment:
         except FileNotFoundError:
             raise SegmentError(f"no segment {path}: is 'mpevent serve' running?") from None
         try:
-            size = os.fstat(fd).st_size
-            if size < 4096:
-                raise SegmentError(f"segment {path} is too small ({size} bytes)")
-            with mmap.mmap(fd, 4096) as head:
-                words = memoryview(head).cast("Q")
-                try:
-                    magic, version = words[H_MAGIC], words[H_VERSION]
-                    numbers = {
-                        "lanes": words[H_LANES],
-                        "lane_size": words[H_LANE_SIZE],
-                        "senders": words[H_SENDERS],
-                        "max_events": words[H_MAX_EVENTS],
-                        "max_subs": words[H_MAX_SUBS],
-                        "table_bytes": words[H_TABLE_BYTES],
-                    }
-                finally:
-                    words.release()
-            # The magic is written last by the creator: without it the rest
-            # of the header is not there yet (or this is not our file).
-            if magic != MAGIC or version != LAYOUT_VERSION:
-                raise SegmentError(
-                    f"{path} is not an mpevent segment of layout {LAYOUT_VERSION} "
-                    "(or it is still being created)"
-                )
-            try:
-                geometry = Geometry(**numbers)
-            except (TypeError, ValueError) as exc:
-                raise SegmentError(f"segment {path} has a bad header: {exc}") from None
-            layout = Layout.of(geometry)
-            if layout.size != size:
-                raise SegmentError(f"segment {path} is {size} bytes, its header says {layout.size}")
-            return cls(fd, layout, name, owner=False)
+            return cls._map_existing(fd, f"segment {path}", name)
         except BaseException:
             os.close(fd)
             raise
+
+    @classmethod
+    def adopt(cls, fd: int) -> Segment:
+        """Map the segment behind a descriptor this process inherited.
+
+        A hub or sender started in a fresh interpreter gets the segment this
+        way; the descriptor becomes the segment's (closed with it), and
+        is not inherited further except where a child is given it by name.
+        """
+        os.set_inheritable(fd, False)
+        return cls._map_existing(fd, f"the segment of descriptor {fd}", None)
+
+    @classmethod
+    def _map_existing(cls, fd: int, what: str, name: str | None) -> Segment:
+        """Check the header of an existing segment and map it (not its owner)."""
+        size = os.fstat(fd).st_size
+        if size < 4096:
+            raise SegmentError(f"{what} is too small ({size} bytes)")
+        with mmap.mmap(fd, 4096) as head:
+            words = memoryview(head).cast("Q")
+            try:
+                magic, version = words[H_MAGIC], words[H_VERSION]
+                numbers = {
+                    "lanes": words[H_LANES],
+                    "lane_size": words[H_LANE_SIZE],
+                    "senders": words[H_SENDERS],
+                    "max_events": words[H_MAX_EVENTS],
+                    "max_subs": words[H_MAX_SUBS],
+                    "table_bytes": words[H_TABLE_BYTES],
+                }
+            finally:
+                words.release()
+        # The magic is written last by the creator: without it the rest
+        # of the header is not there yet (or this is not our file).
+        if magic != MAGIC or version != LAYOUT_VERSION:
+            raise SegmentError(
+                f"{what} is not an mpevent segment of layout {LAYOUT_VERSION} "
+                "(or it is still being created)"
+            )
+        try:
+            geometry = Geometry(**numbers)
+        except (TypeError, ValueError) as exc:
+            raise SegmentError(f"{what} has a bad header: {exc}") from None
+        layout = Layout.of(geometry)
+        if layout.size != size:
+            raise SegmentError(f"{what} is {size} bytes, its header says {layout.size}")
+        return cls(fd, layout, name, owner=False)
 
     # -- lanes ------------------------------------------------------------
 
@@ -251,9 +265,6 @@ class Segment:
         got = fcntl.fcntl(self.fd, fcntl.F_GETLK, probe)
         l_type, _, _, _, pid = _FLOCK.unpack(got)
         return None if l_type == fcntl.F_UNLCK else pid
-
-    def lane_is_owned(self, lane: int) -> bool:
-        return self.lane_owner(lane) is not None
 
     # -- lifetime ---------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""What the hub publishes in the segment, and how every other process reads it.
+"""What the hub stores in the segment for the other processes, and how they read it.
 
 The hub is the only writer of these regions, so they need no lock:
 
@@ -10,7 +10,10 @@ The hub is the only writer of these regions, so they need no lock:
   behind a sequence lock. The hub makes the generation odd, writes, makes it
   even; a reader copies the blob and keeps it only if the generation was even
   and unchanged across the copy. A hub killed mid-write leaves it odd:
-  readers keep their last good table instead of reading a torn one.
+  readers keep their last good table instead of reading a torn one. The
+  generation is the table's one version number: a sender reloads when it
+  changes;
+* **the info block**: what an attaching process needs to find the daemon.
 """
 
 from __future__ import annotations
@@ -36,8 +39,14 @@ class TableTooLarge(ValueError):
     pass
 
 
-def publish(seg: Segment, registry: Registry, known_events: int) -> int:
-    """Write everything that changed in ``registry``; returns the event count."""
+def store_registry(seg: Segment, registry: Registry, known_events: int) -> int:
+    """Store everything that changed in ``registry``; returns the event count.
+
+    ``known_events``: how many event names are in the segment already (what
+    the previous call returned). :class:`TableTooLarge` when the table does
+    not fit ``table_bytes``: the new event names are stored, the table and
+    the subscriber counts stay as they were.
+    """
     words, buf, layout = seg.words, seg.buf, seg.layout
     # New event names first, then the count that makes them visible.
     for event_id in range(known_events, len(registry.events)):
@@ -95,12 +104,12 @@ def read_snapshot(seg: Segment) -> tuple[int, Snapshot] | None:
     if words[H_TABLE_GEN] != gen:
         return None
     if n == 0:
-        return gen, Snapshot(0, [])
+        return gen, Snapshot([])
     return gen, _decode_snapshot(blob)
 
 
 def event_names(seg: Segment, start: int = 0) -> list[str]:
-    """Names of events ``start``.. as published so far."""
+    """Names of events ``start``.. as declared so far."""
     words, buf, layout = seg.words, seg.buf, seg.layout
     names = []
     for event_id in range(start, words[H_EVENT_COUNT]):

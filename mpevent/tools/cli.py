@@ -43,17 +43,20 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import orjson
 
+from mpevent import defaults
 from mpevent.api.client import MICallError, MIClient, MIHttpClient, MIUnavailable
 from mpevent.protocol.destination import Destination, DestinationError, parse_destination
+from mpevent.tools.report import format_table
+from mpevent.tools.report import is_number as _is_number
 
 EXIT_OK, EXIT_CALL_ERROR, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
-DEFAULT_MI_UDP = "udp:127.0.0.1:8080"
+DEFAULT_MI_UDP = f"udp:{defaults.MI_UDP}"
 DEFAULT_TIMEOUT = 2.0
 MAX_RECV = 1 << 16
 _HINT = (
@@ -147,48 +150,6 @@ def parse_json_params(text: str) -> dict[str, Any] | list[Any]:
     if not isinstance(value, dict | list):
         raise UsageError("--json-params must be a JSON object or array")
     return value
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:g}"
-    return str(value)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def format_table(headers: Sequence[str], rows: Iterable[Sequence[Any]], align: str = "") -> str:
-    """Plain aligned columns, two spaces apart, no trailing blanks.
-
-    ``align`` gives ``l``/``r`` per column; a column it leaves out is
-    right-aligned when all its values are numbers, else left-aligned.
-    """
-    rows = [list(row) for row in rows]
-    width = len(headers)
-    for row in rows:
-        if len(row) != width:
-            raise ValueError(f"row {row!r} has {len(row)} cells, expected {width}")
-    sides = []
-    for i in range(width):
-        if i < len(align):
-            sides.append(align[i])
-        else:
-            numeric = bool(rows) and all(_is_number(row[i]) for row in rows)
-            sides.append("r" if numeric else "l")
-    text = [list(headers)] + [[_cell(v) for v in row] for row in rows]
-    widths = [max(len(line[i]) for line in text) for i in range(width)]
-    out = []
-    for line in text:
-        cells = [
-            cell.rjust(w) if side == "r" else cell.ljust(w)
-            for cell, w, side in zip(line, widths, sides, strict=True)
-        ]
-        out.append("  ".join(cells).rstrip())
-    return "\n".join(out)
 
 
 def human_bytes(size: int | float) -> str:
@@ -464,7 +425,7 @@ def _bind_listener(dest: Destination) -> tuple[socket.socket, Path | None]:
     """Bind ``dest``; returns the socket and the UNIX socket file it created."""
     created = None
     if dest.family == socket.AF_UNIX and not dest.host.startswith("\0"):
-        from mpevent.processes.hub import SocketInUse, claim_socket_path
+        from mpevent.system import SocketInUse, claim_socket_path
 
         created = Path(dest.host)
         try:
@@ -648,16 +609,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("serve", _serve, "run the hub as a foreground daemon")
     p.add_argument("--config", metavar="FILE", help="TOML configuration file")
-    p.add_argument("--name", help="segment name (/dev/shm/NAME), default mpevent")
-    p.add_argument("--lanes", type=int, help="producer lanes (default 32)")
+    p.add_argument("--name", help=f"segment name (/dev/shm/NAME), default {defaults.SEGMENT_NAME}")
+    p.add_argument("--lanes", type=int, help=f"producer lanes (default {defaults.LANES})")
     p.add_argument("--lane-size", type=int, help="bytes per lane, a power of two")
-    p.add_argument("--senders", type=int, help="sender processes (default 1)")
+    p.add_argument("--senders", type=int, help=f"sender processes (default {defaults.SENDERS})")
     p.add_argument(
-        "--mi-udp", metavar="HOST:PORT", help='MI on UDP (default 127.0.0.1:8080, "" off)'
+        "--mi-udp", metavar="HOST:PORT", help=f'MI on UDP (default {defaults.MI_UDP}, "" off)'
     )
     p.add_argument("--mi-unix", metavar="PATH", help='MI on a UNIX socket ("" off)')
     p.add_argument("--mi-http", metavar="HOST:PORT", help="MI over HTTP POST /mi (default off)")
-    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    p.add_argument("--log-level", choices=defaults.LOG_LEVELS)
 
     p = command(
         "subscribe",

@@ -10,9 +10,9 @@ needs no configuration. It plays every part of a deployment on loopback:
 * **two subscribers**, a UDP and a UNIX datagram socket, each in its own
   process, subscribed to ``E_SIP_REQUEST`` and ``E_PIKE_BLOCKED`` through the
   MI; each measures raise-to-receive latency from the event's ``t``;
-* the **workers**: :class:`workers.sipproxy.SipProxy`, a prefork UDP server
+* the **workers**: :class:`mpevent.workers.sipproxy.SipProxy`, a prefork UDP server
   whose children raise the events;
-* the **traffic**: :func:`workers.traffic.run` in its own process, several
+* the **traffic**: :func:`mpevent.workers.traffic.run` in its own process, several
   well-behaved sources plus one flooder that pike blocks.
 
 It prints a line per second while the traffic runs, then a summary, and
@@ -33,15 +33,21 @@ import shutil
 import signal
 import socket
 import sys
+import textwrap
 import time
 import traceback
 from array import array
+from collections.abc import Callable
 from typing import Any
 
 import orjson
 
 from mpevent.shm.segment import shm_path
-from mpevent.tools.private import PrivateHub, die_with_parent, short_tmpdir
+from mpevent.system import die_with_parent, fork_call, reap, set_rcvbuf
+from mpevent.tools.private import PrivateHub, short_tmpdir
+from mpevent.tools.report import fmt_ms, fmt_num, format_table, per_second, summarize
+from mpevent.workers import traffic
+from mpevent.workers.sipproxy import SipProxy
 
 EVENTS = ("E_SIP_REQUEST", "E_PIKE_BLOCKED")
 # Shared counter words per child (single writer each): subscriber i at
@@ -54,8 +60,15 @@ GEN_SENT, GEN_OK, GEN_FORBIDDEN, GEN_BAD = 0, 1, 2, 3
 # -- forked helpers -----------------------------------------------------------
 
 
+Body = Callable[[int], dict[str, Any]]  # gets the stop pipe, returns the result
+
+
 class Child:
-    """A forked helper process with a result pipe and a stop pipe."""
+    """A forked helper process with a result pipe and a stop pipe.
+
+    Forked with :func:`~mpevent.system.fork_call`, so none of the demo's own
+    cleanup ever runs in it; it dies with the demo.
+    """
 
     def __init__(self, label: str):
         self.label = label
@@ -64,29 +77,12 @@ class Child:
         self._stop_w = -1
         self.result: dict[str, Any] | None = None
 
-    def fork(self, body) -> None:
+    def fork(self, body: Body) -> None:
         """Run ``body(stop_fd) -> dict`` in a child; its result comes back as JSON."""
         result_r, result_w = os.pipe()
         stop_r, stop_w = os.pipe()
-        parent = os.getpid()
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                os.close(result_r)
-                os.close(stop_w)
-                signal.signal(signal.SIGINT, signal.SIG_IGN)  # the demo stops us
-                die_with_parent()
-                if os.getppid() == parent:
-                    result = body(stop_r)
-                    with os.fdopen(result_w, "wb") as out:
-                        out.write(orjson.dumps(result))
-                    code = 0
-            except BaseException as exc:
-                with contextlib.suppress(Exception):
-                    print(f"demo: {self.label} failed: {exc!r}", file=sys.stderr)
-            finally:
-                os._exit(code)
+        theirs = (result_r, stop_w)  # the ends the child must not hold
+        pid = fork_call(_child_main, self.label, body, os.getpid(), result_w, stop_r, theirs)
         os.close(result_w)
         os.close(stop_r)
         self.pid, self._result_r, self._stop_w = pid, result_r, stop_w
@@ -124,14 +120,29 @@ class Child:
             os.close(self._stop_w)
             self._stop_w = -1
         if self.pid and not reaped:
-            deadline = time.monotonic() + timeout
-            while not os.waitpid(self.pid, os.WNOHANG)[0]:
-                if time.monotonic() > deadline:
-                    os.kill(self.pid, signal.SIGKILL)
-                    os.waitpid(self.pid, 0)
-                    break
-                time.sleep(0.005)
+            with contextlib.suppress(TimeoutError):  # it was killed, and reaped
+                reap(self.pid, timeout)
         self.pid = 0
+
+
+def _child_main(
+    label: str, body: Body, parent: int, result_w: int, stop_r: int, theirs: tuple[int, ...]
+) -> int:
+    """In the child: run ``body``, write its result; the exit code says whether it did."""
+    for fd in theirs:
+        os.close(fd)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the demo stops us
+    die_with_parent()
+    if os.getppid() != parent:
+        return 1  # the demo died before we could ask to die with it
+    try:
+        result = body(stop_r)
+    except Exception as exc:
+        print(f"demo: {label} failed: {exc!r}", file=sys.stderr)
+        return 1
+    with os.fdopen(result_w, "wb") as out:
+        out.write(orjson.dumps(result))
+    return 0
 
 
 def _subscriber_body(sock: socket.socket, counters: memoryview, at: int):
@@ -174,18 +185,14 @@ def _subscriber_body(sock: socket.socket, counters: memoryview, at: int):
                 if method not in samples:
                     samples[method] = data.decode(errors="replace")
                 counters[at + SUB_RECEIVED] = received
-        ordered = sorted(latencies)
-
-        def pct(q: float) -> int | None:
-            return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else None
-
+        figures = summarize(latencies)  # NaN when nothing arrived: null in the JSON
         return {
             "received": received,
             "pike": pike,
             "malformed": malformed,
-            "p50_ns": pct(0.50),
-            "p99_ns": pct(0.99),
-            "max_ns": ordered[-1] if ordered else None,
+            "p50_ns": figures["median"],
+            "p99_ns": figures["p99"],
+            "max_ns": figures["max"],
             "samples": samples,
         }
 
@@ -193,8 +200,6 @@ def _subscriber_body(sock: socket.socket, counters: memoryview, at: int):
 
 
 def _traffic_body(target: tuple[str, int], args: argparse.Namespace, counters: memoryview, at: int):
-    from workers import traffic
-
     def progress(report: traffic.TrafficReport) -> None:
         counters[at + GEN_SENT] = report.sent
         counters[at + GEN_OK] = report.ok
@@ -218,14 +223,6 @@ def _traffic_body(target: tuple[str, int], args: argparse.Namespace, counters: m
 # -- the demo -----------------------------------------------------------------
 
 
-def _ms(ns: int | None) -> str:
-    return "-" if ns is None else f"{ns / 1e6:.2f} ms"
-
-
-def _n(value: int) -> str:
-    return f"{value:,}"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mpevent demo", description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=5.0, help="traffic duration (default 5)")
@@ -239,9 +236,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--seconds, --workers, --rate and --sources must be positive")
     if args.rate / args.sources >= args.pike_limit:
         parser.error("each good source must stay under --pike-limit")
-
-    # The workers live next to this package in the source tree.
-    from workers.sipproxy import SipProxy, set_rcvbuf
 
     name = f"mpevent-demo-{os.getpid()}"
     tmp = short_tmpdir("mpevent-demo-", name)
@@ -306,15 +300,15 @@ def main(argv: list[str] | None = None) -> int:
             if now < wake:
                 break  # the traffic ended between two ticks: the summary follows
             raised = conn.stats()["totals"]["raised"]
-            rate = (raised - last_raised) / max(now - last_t, 1e-9)
+            rate = per_second(raised - last_raised, now - last_t)
             last_raised, last_t, tick = raised, now, tick + 1
             delivered = "  ".join(
-                f"{child.label.split()[0]} {_n(counters[SLOT * i + SUB_RECEIVED]):>8}"
+                f"{child.label.split()[0]} {fmt_num(counters[SLOT * i + SUB_RECEIVED]):>8}"
                 for i, (child, _) in enumerate(subscribers)
             )
             print(
-                f"  {now - started:5.1f}s  requests {_n(counters[gen_at + GEN_SENT]):>8}  "
-                f"events raised {_n(raised):>8} ({_n(round(rate)):>6}/s)  delivered: {delivered}"
+                f"  {now - started:5.1f}s  requests {fmt_num(counters[gen_at + GEN_SENT]):>8}  "
+                f"events raised {fmt_num(raised):>8} ({fmt_num(rate):>6}/s)  delivered: {delivered}"
                 f"  pike {counters[SUB_PIKE]}",
                 flush=True,
             )
@@ -392,38 +386,38 @@ def _summary(
 
     print(f"\nmpevent demo: summary ({seconds:.1f} s of traffic)")
     print(
-        f"  requests    sent {_n(traffic.get('sent', 0))}: 200 {_n(traffic.get('ok', 0))}, "
-        f"403 {_n(traffic.get('forbidden', 0))}, 400 {_n(traffic.get('bad', 0))}, "
-        f"timeouts {_n(traffic.get('timeouts', 0))}"
+        f"  requests    sent {fmt_num(traffic.get('sent', 0))}: "
+        f"200 {fmt_num(traffic.get('ok', 0))}, "
+        f"403 {fmt_num(traffic.get('forbidden', 0))}, 400 {fmt_num(traffic.get('bad', 0))}, "
+        f"timeouts {fmt_num(traffic.get('timeouts', 0))}"
     )
-    per_event = ", ".join(f"{name} {_n(e['raised'])}" for name, e in events.items())
-    print(f"  raised      {_n(totals['raised'])} ({per_event})")
+    per_event = ", ".join(f"{name} {fmt_num(e['raised'])}" for name, e in events.items())
+    print(f"  raised      {fmt_num(totals['raised'])} ({per_event})")
     print(
-        f"  enqueued    {_n(enqueued)}   dropped {_n(totals['dropped'])} (ring full)   "
-        f"rejected {_n(totals['rejected'])}"
+        f"  enqueued    {fmt_num(enqueued)}   dropped {fmt_num(totals['dropped'])} (ring full)   "
+        f"rejected {fmt_num(totals['rejected'])}"
     )
     print(
-        f"  events/s    {_n(round(totals['raised'] / seconds))} raised, "
-        f"{_n(round(delivered_total / seconds))} notifications/s delivered"
+        f"  events/s    {fmt_num(per_second(totals['raised'], seconds))} raised, "
+        f"{fmt_num(per_second(delivered_total, seconds))} notifications/s delivered"
     )
-    print(f"  pike blocks {pike} (127.0.0.66: {_n(flood.get('forbidden', 0))} requests got 403)")
-    width = max(len(address) for _, address in subscribers)
     print(
-        f"\n  {'subscriber':<{width}}  {'delivered':>10}  {'missing':>7}  {'dropped':>7}  "
-        f"{'p50':>9}  {'p99':>9}  {'max':>9}"
+        f"  pike blocks {pike} (127.0.0.66: {fmt_num(flood.get('forbidden', 0))} requests got 403)"
     )
     ok = True
+    rows = []
     for (_child, address), result in zip(subscribers, results, strict=True):
         got = result.get("received", 0)
         missing = enqueued - got
         ok = ok and missing == 0 and not result.get("malformed")
         dest = by_dest.get(address, {})
         lost = dest.get("dropped", 0) + dest.get("failed", 0)
-        print(
-            f"  {address:<{width}}  {_n(got):>10}  {_n(missing):>7}  {_n(lost):>7}  "
-            f"{_ms(result.get('p50_ns')):>9}  {_ms(result.get('p99_ns')):>9}  "
-            f"{_ms(result.get('max_ns')):>9}"
+        rows.append(
+            [address, *map(fmt_num, (got, missing, lost))]
+            + [fmt_ms(result.get(key)) for key in ("p50_ns", "p99_ns", "max_ns")]
         )
+    headers = ["subscriber", "delivered", "missing", "dropped", "p50", "p99", "max"]
+    print("\n" + textwrap.indent(format_table(headers, rows, align="lrrrrrr"), "  "))
     print("  (latency: raise_event in a proxy worker to recv in the subscriber)")
     samples = results[0].get("samples", {}) if results else {}
     if samples:
@@ -442,7 +436,7 @@ def _summary(
         print(f"mpevent demo: left behind: {', '.join(leftovers)}")
     if ok:
         print(
-            f"mpevent demo: OK: all {_n(enqueued)} enqueued events reached both subscribers; "
+            f"mpevent demo: OK: all {fmt_num(enqueued)} enqueued events reached both subscribers; "
             "hub stopped cleanly, nothing left behind"
         )
         return 0

@@ -9,12 +9,7 @@ that started it dies.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -23,21 +18,7 @@ from pathlib import Path
 
 from mpevent.api.connect import NotServing, connect
 from mpevent.shm.segment import shm_path
-
-PR_SET_PDEATHSIG = 1
-
-
-def free_port(kind: int = socket.SOCK_DGRAM) -> int:
-    """A loopback port free right now (it may be taken before use: retry)."""
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def die_with_parent() -> None:
-    """``preexec_fn``: the child gets SIGTERM when its parent dies (Linux)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+from mpevent.system import Supervised, free_port
 
 
 def short_tmpdir(prefix: str, name: str) -> Path:
@@ -61,7 +42,7 @@ class PrivateHub:
         self.env = dict(os.environ, XDG_RUNTIME_DIR=str(self.run_dir))
         self.extra_args = list(extra_args)
         self.mi_udp = ""
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.child: Supervised | None = None
         self.returncode: int | None = None
 
     def start(self, timeout: float = 20.0) -> None:
@@ -77,17 +58,9 @@ class PrivateHub:
                 "--log-level", "warning",
                 *self.extra_args,
             ]  # fmt: skip
-            with open(self.log_path, "ab") as log:
-                self.proc = subprocess.Popen(
-                    args,
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    env=self.env,
-                    preexec_fn=die_with_parent,
-                )
+            self.child = Supervised("mpevent serve", args, env=self.env, log=self.log_path)
             deadline = time.monotonic() + timeout
-            while self.proc.poll() is None and time.monotonic() < deadline:
+            while self.child.alive() and time.monotonic() < deadline:
                 try:
                     connect(self.name, timeout=0.1).close()
                     return
@@ -104,19 +77,9 @@ class PrivateHub:
 
     def stop(self, timeout: float = 30.0, grace: float = 0.0) -> int | None:
         """Wait ``grace`` s, SIGTERM, wait (it drains), SIGKILL after ``timeout``; idempotent."""
-        proc, self.proc = self.proc, None
-        if proc is not None:
-            if grace > 0:
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(grace)
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-            self.returncode = proc.returncode
+        child, self.child = self.child, None
+        if child is not None:
+            self.returncode = child.stop(timeout=timeout, grace=grace)
         # Only a killed hub leaves its segment; the name is ours alone.
         shm_path(self.name).unlink(missing_ok=True)
         return self.returncode

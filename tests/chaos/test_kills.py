@@ -18,17 +18,17 @@ from __future__ import annotations
 import os
 import random
 import signal
-import socket
 import threading
 import time
 
 import orjson
-import psutil
 import pytest
-from conftest import SO_RCVBUFFORCE, wait_for
+from support import Kids, UdpSink, forks_from_threads, live_children, wait_for
 
 from mpevent import EventBus
 from mpevent.processes.sender.loop import BATCH
+
+pytestmark = forks_from_threads
 
 ROUNDS = int(os.environ.get("MPEVENT_CHAOS_ROUNDS", "6"))
 PRODUCERS = 3
@@ -39,14 +39,10 @@ class Sink(threading.Thread):
 
     def __init__(self) -> None:
         super().__init__(daemon=True)
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        try:
-            self.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 64 << 20)
-        except OSError:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 20)
-        self.sock.bind(("127.0.0.1", 0))
+        self.udp = UdpSink()
+        self.sock = self.udp.sock
         self.sock.settimeout(0.2)
-        self.address = f"udp:127.0.0.1:{self.sock.getsockname()[1]}"
+        self.address = self.udp.address
         self.by_producer: dict[int, list[int]] = {}
         self.corrupt = 0
         self.received = 0
@@ -70,18 +66,7 @@ class Sink(threading.Thread):
             self.corrupt += not ok
 
 
-def _udp_drops(sock: socket.socket) -> int:
-    """Datagrams the kernel dropped at this socket (receive buffer full)."""
-    inode = str(os.fstat(sock.fileno()).st_ino)
-    with open("/proc/net/udp") as f:
-        for line in f.readlines()[1:]:
-            fields = line.split()
-            if fields[9] == inode:
-                return int(fields[-1])
-    return 0
-
-
-def _produce(bus: EventBus, index: int) -> None:
+def _produce(bus: EventBus, index: int) -> None:  # until SIGKILL
     rng = random.Random(index)
     seq = 0
     while True:
@@ -94,31 +79,9 @@ def _produce(bus: EventBus, index: int) -> None:
             time.sleep(0.0005)
 
 
-def _fork_producer(bus: EventBus, index: int) -> int:
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            _produce(bus, index)
-        finally:
-            os._exit(code)
-    return pid
-
-
-def _senders(bus: EventBus) -> list[psutil.Process]:
-    alive = []
-    for p in psutil.Process(bus.hub_pid).children():
-        try:
-            if p.status() != psutil.STATUS_ZOMBIE:
-                alive.append(p)
-        except psutil.NoSuchProcess:
-            pass  # reaped between the listing and the look
-    return alive
-
-
 @pytest.mark.chaos
 @pytest.mark.timeout(1800)
-def test_random_kills_under_load_lose_nothing_silently():
+def test_random_kills_under_load_lose_nothing_silently(kids: Kids):
     rng = random.Random(int(os.environ.get("MPEVENT_CHAOS_SEED", "7")))
     sink = Sink()
     sink.start()
@@ -131,40 +94,40 @@ def test_random_kills_under_load_lose_nothing_silently():
         next_index = 0
         try:
             for _ in range(PRODUCERS):
-                producers[_fork_producer(bus, next_index)] = next_index
+                producers[kids.fork(_produce, bus, next_index)] = next_index
                 next_index += 1
             for _ in range(ROUNDS):
                 time.sleep(rng.uniform(0.05, 0.3))
                 if rng.random() < 0.5:
                     pid = rng.choice(list(producers))
                     os.kill(pid, signal.SIGKILL)
-                    os.waitpid(pid, 0)
+                    assert kids.wait(pid, 10) == -signal.SIGKILL
                     del producers[pid]
                     kills["producer"] += 1
-                    producers[_fork_producer(bus, next_index)] = next_index
+                    producers[kids.fork(_produce, bus, next_index)] = next_index
                     next_index += 1
                 else:
                     # Kill one of the two senders of a steady state.
-                    assert wait_for(lambda: len(_senders(bus)) == 2, timeout=10)
-                    victim = rng.choice(_senders(bus))
-                    before = {p.pid for p in _senders(bus)}
+                    assert wait_for(lambda: len(live_children(bus.hub_pid)) == 2, timeout=10)
+                    victim = rng.choice(live_children(bus.hub_pid))
+                    before = {p.pid for p in live_children(bus.hub_pid)}
                     victim.kill()
                     killed_at = time.monotonic()
                     kills["sender"] += 1
 
                     def replaced(before=before, victim=victim) -> bool:
-                        alive = {p.pid for p in _senders(bus)}
+                        alive = {p.pid for p in live_children(bus.hub_pid)}
                         return victim.pid not in alive and len(alive) == 2 and bool(alive - before)
 
                     assert wait_for(replaced, timeout=10, interval=0.005), (
                         f"a killed sender was not replaced: before {before}, victim {victim.pid}, "
-                        f"now {[p.pid for p in _senders(bus)]}"
+                        f"now {[p.pid for p in live_children(bus.hub_pid)]}"
                     )
                     respawn_times.append(time.monotonic() - killed_at)
         finally:
             for pid in producers:
                 os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
+                kids.wait(pid, 10)
 
         def drained() -> bool:
             e = bus.stats()["events"]["E_CHAOS"]
@@ -182,7 +145,7 @@ def test_random_kills_under_load_lose_nothing_silently():
     e = stats["events"]["E_CHAOS"]
     # The sink is a thread on a busy 2-core machine: what the kernel dropped
     # at its socket was delivered by mpevent and is counted there.
-    kernel_drops = _udp_drops(sink.sock)
+    kernel_drops = sink.udp.kernel_drops()
     arrived = sink.received + kernel_drops
     print(
         f"\nchaos: rounds={ROUNDS} killed producers={kills['producer']} senders={kills['sender']} "
@@ -198,4 +161,4 @@ def test_random_kills_under_load_lose_nothing_silently():
         assert seqs == sorted(seqs), f"producer {index}: out of order"
         assert len(set(seqs)) == len(seqs), f"producer {index}: duplicates (at most once)"
     assert all(t < 3.0 for t in respawn_times), respawn_times
-    sink.sock.close()
+    sink.udp.close()

@@ -15,9 +15,11 @@ import time
 
 import psutil
 import pytest
-from conftest import wait_for
+from support import wait_for
 
 from mpevent import EventBus
+from mpevent.system import fork_call, reap
+from mpevent.tools.report import percentile
 
 SECONDS = float(os.environ.get("MPEVENT_OVERLOAD_SECONDS", "4"))
 PRODUCERS = 3
@@ -43,17 +45,9 @@ def _overload(bus: EventBus, seconds: float, report: int) -> None:
             calls += 1
             refused += not ok
 
-    def percentile(q: float) -> int:
-        seen, goal = 0, calls * q
-        for i, n in enumerate(buckets):
-            seen += n
-            if seen >= goal:
-                return i * 100
-        return slowest
-
-    os.write(
-        report, f"{calls} {refused} {percentile(0.99)} {percentile(0.999)} {slowest}\n".encode()
-    )
+    hist = {i * 100: n for i, n in enumerate(buckets) if n}
+    p99, p999 = (round(percentile(hist, q)) for q in (99, 99.9))
+    os.write(report, f"{calls} {refused} {p99} {p999} {slowest}\n".encode())
 
 
 def _rss(pids: list[int]) -> dict[int, int]:
@@ -77,15 +71,7 @@ def test_overload_never_blocks_keeps_memory_flat_and_counts_drops(tmp_path):
         bus.subscribe("E_FLOOD", f"unix:{slow_path}", expire=None)
         pids = []
         for _ in range(PRODUCERS):
-            pid = os.fork()
-            if pid == 0:
-                code = 1
-                try:
-                    _overload(bus, SECONDS, w)
-                    code = 0
-                finally:
-                    os._exit(code)
-            pids.append(pid)
+            pids.append(fork_call(_overload, bus, SECONDS, w))
         watched = [bus.hub_pid, *(p.pid for p in psutil.Process(bus.hub_pid).children()), *pids]
         udp_got = 0
         start = time.monotonic()
@@ -109,8 +95,7 @@ def test_overload_never_blocks_keeps_memory_flat_and_counts_drops(tmp_path):
             time.sleep(0.001)
         reports = []
         for pid in pids:
-            _, status = os.waitpid(pid, 0)
-            assert os.waitstatus_to_exitcode(status) == 0
+            assert reap(pid, SECONDS + 60) == 0
         data = b""
         while data.count(b"\n") < PRODUCERS:
             data += os.read(r, 4096)
@@ -143,10 +128,15 @@ def test_overload_never_blocks_keeps_memory_flat_and_counts_drops(tmp_path):
     # Drops are exact: every False the producers saw is a counted drop.
     assert e["dropped"] == refused > 0, "the test must overload the ring"
     assert e["raised"] == calls  # every call that found a subscriber is counted
-    # Per destination: what was routed is sent, failed, dropped or pending.
+    # Per destination: what was routed is sent, failed, dropped or pending,
+    # each counted on its own. The UDP sink's socket never refuses a datagram
+    # (the kernel drops what its buffer cannot take), so nothing of it waits;
+    # the slow reader may still have up to its backlog waiting.
     for row in stats["destinations"]:
-        assert row["routed"] == row["sent"] + row["failed"] + row["dropped"] + row["pending"]
-        assert row["routed"] == e["dispatched"]
+        assert row["routed"] == row["sent"] + row["failed"] + row["dropped"] + row["pending"], row
+        assert row["routed"] == e["dispatched"], row
+        limit = 2000 if row["socket"].startswith("unix:") else 0
+        assert 0 <= row["pending"] <= limit, row
     slow_row = next(row for row in stats["destinations"] if row["socket"].startswith("unix:"))
     assert slow_row["dropped"] > 0, "the slow subscriber's bounded backlog dropped"
     # Memory is bounded: nothing grows with load once lanes and backlogs are full.

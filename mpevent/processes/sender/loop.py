@@ -1,41 +1,53 @@
-"""A sender worker: drains its lanes and writes datagrams to subscribers.
+"""A sender worker's loop: drains its lanes, hands each batch to the endpoints.
 
 One sender process owns a fixed set of lanes (``lane % senders``), so each
 lane has exactly one consumer. Per loop it:
 
-1. reloads the subscription table when the hub's generation changed;
+1. reloads the subscription table when the hub's generation changed, and
+   routes it (:mod:`mpevent.processes.sender.routing`);
 2. takes a batch of records from each lane (one stretch, copied out at
-   once), describes each event's datagram once as pieces, and sends the
-   batch to every subscriber with one ``sendmmsg`` per destination
-   (:mod:`mpevent.processes.sender.mmsg`); it counts how long the batch's oldest record
-   waited;
-3. flushes backlogs of subscribers that became writable;
-4. stores its counters in the segment and publishes the lanes' ``head``;
+   once), describes each event's datagram once as pieces
+   (:mod:`mpevent.processes.sender.batch`), and hands the batch to every
+   subscriber's endpoint (:mod:`mpevent.processes.sender.endpoints`), which
+   sends it with one ``sendmmsg`` per destination
+   (:mod:`mpevent.processes.sender.mmsg`); it counts how long the batch's
+   oldest record waited;
+3. lets endpoints that wait for their socket (a full backlog's destination)
+   go on when ``poll`` says they can;
+4. stores its counters in the segment and releases what it read (``head``);
 5. naps, then sleeps on its doorbell, when there was nothing to do
    (bounded, see :mod:`mpevent.shm.doorbell`).
 
-Sends are non-blocking on connected sockets, one per destination. A
-connected socket reports ECONNREFUSED (UDP port closed, UNIX listener gone)
-and ENOENT (UNIX path gone) for that destination alone. EAGAIN (a UNIX
-receiver's queue is full) puts the datagram in the destination's bounded
-backlog, flushed when ``poll`` says the socket is writable; later datagrams
-for that destination queue behind it so order is kept. Only a full backlog
-drops, and counts.
+The loop owns the poll registry: after each call into an endpoint it asks
+the endpoint what it waits for (:meth:`~mpevent.processes.sender.endpoints.Endpoint.wants`)
+and registers or unregisters it; endpoints never reach back into the loop.
+
+Hot path: a batch of one event (the usual case) is packed once and the
+same packing goes to every destination; a destination's whole run is
+counted at once; no Python object is made per datagram unless it has to
+wait in a backlog.
 """
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import select
-import socket
 import time
-from collections import Counter, deque
-from collections.abc import Sequence
+from collections import Counter
+from functools import partial
 
 from mpevent.processes.sender import mmsg
+from mpevent.processes.sender.accounts import (
+    PerMessage,
+    SubscriptionStats,
+    drop_predecessor_backlogs,
+)
+from mpevent.processes.sender.backlog import BacklogBudget, BacklogLimits
+from mpevent.processes.sender.batch import LaneBatch
+from mpevent.processes.sender.endpoints import Endpoint, open_endpoint
 from mpevent.processes.sender.mmsg import INTS_PER_MESSAGE, STRETCH_BYTES, Outbox, address_of
+from mpevent.processes.sender.routing import Routing, route
 from mpevent.protocol.payload import MAX_DATAGRAM, Notification
 from mpevent.protocol.registry import Route
 from mpevent.shm.doorbell import MAX_SLEEP, Doorbell
@@ -46,14 +58,7 @@ from mpevent.shm.layout import (
     C_OVERSIZE,
     C_TAKEN,
     C_UNROUTED,
-    D_BYTES,
-    D_DROPPED,
-    D_ECONNREFUSED,
-    D_ENOENT,
-    D_FAILED,
-    D_ID,
-    D_ROUTED,
-    D_SENT,
+    COUNTER_WORDS,
     H_DRAIN_DEADLINE_NS,
     H_EVENT_COUNT,
     H_STATE,
@@ -71,253 +76,17 @@ from mpevent.shm.table import event_names, read_snapshot, table_generation
 log = logging.getLogger("mpevent.sender")
 
 BATCH = 256  # records per lane per loop: fairness between lanes
-DEFAULT_BACKLOG = 16384  # datagrams per destination
-RECONNECT_INTERVAL_NS = 50_000_000
 ACTIVE_REFRESH_NS = 10_000_000  # how often to look for newly claimed lanes
 NAP = 50e-6  # an idle sender looks at its lanes this often...
 NAPS = 20  # ...this many times, before it sleeps until the doorbell rings
+STUCK_AT_STOP_NS = 2_000_000_000  # stopping: how long to wait for receivers that never read
 
 
 _CLOSE = b"}"  # the last piece of every datagram with params
 CLOSE_AT = address_of(_CLOSE)
 assert BATCH <= mmsg.MAX_MESSAGES  # a batch's messages fit one outbox
 
-
-class SubscriptionStats:
-    """One subscription's counters in this sender; stored in the segment per loop."""
-
-    __slots__ = (
-        "bytes",
-        "dropped",
-        "enoent",
-        "failed",
-        "refused",
-        "routed",
-        "sent",
-        "slot",
-        "sub_id",
-        "word",
-    )
-
-    def __init__(self, seg: Segment, sender: int, route: Route):
-        self.slot = route.slot
-        self.sub_id = route.sub_id
-        self.word = w = seg.layout.dest_counter_word(sender, route.slot)
-        words = seg.words
-        if words[w + D_ID] != route.sub_id:  # a new subscription in this slot
-            for i in range(8):
-                words[w + i] = 0
-            words[w + D_ID] = route.sub_id
-        self.routed = words[w + D_ROUTED]
-        self.sent = words[w + D_SENT]
-        self.bytes = words[w + D_BYTES]
-        self.failed = words[w + D_FAILED]
-        self.dropped = words[w + D_DROPPED]
-        self.refused = words[w + D_ECONNREFUSED]
-        self.enoent = words[w + D_ENOENT]
-
-    def fail(self, code: int) -> None:
-        self.failed += 1
-        if code == errno.ECONNREFUSED:
-            self.refused += 1
-        elif code == errno.ENOENT:
-            self.enoent += 1
-
-    def store(self, words: memoryview) -> None:
-        w = self.word
-        words[w + D_ROUTED] = self.routed
-        words[w + D_SENT] = self.sent
-        words[w + D_BYTES] = self.bytes
-        words[w + D_FAILED] = self.failed
-        words[w + D_DROPPED] = self.dropped
-        words[w + D_ECONNREFUSED] = self.refused
-        words[w + D_ENOENT] = self.enoent
-
-
-Recipients = SubscriptionStats | list[SubscriptionStats]  # one for all messages, or one each
-
-
-class Endpoint:
-    """One destination's connected socket and backlog, shared by its subscriptions."""
-
-    __slots__ = (
-        "backlog",
-        "backlog_limit",
-        "dest",
-        "last_errno",
-        "on_blocked",
-        "on_closed",
-        "retry_at",
-        "sock",
-    )
-
-    def __init__(self, route: Route, backlog_limit: int, on_blocked, on_closed):
-        self.dest = route.destination
-        self.backlog: deque[tuple[bytes, SubscriptionStats]] = deque()
-        self.backlog_limit = backlog_limit
-        self.on_blocked = on_blocked  # the sender polls for POLLOUT from now on
-        self.on_closed = on_closed  # ... and stops before the descriptor closes
-        self.sock: socket.socket | None = None
-        self.last_errno = 0
-        self.retry_at = 0
-        self._connect()
-
-    def _connect(self) -> bool:
-        sock = socket.socket(self.dest.family, socket.SOCK_DGRAM)
-        sock.setblocking(False)
-        try:
-            sock.connect(self.dest.sockaddr)
-        except OSError as exc:
-            sock.close()
-            self.last_errno = exc.errno or errno.EIO
-            self.retry_at = time.monotonic_ns() + RECONNECT_INTERVAL_NS
-            return False
-        self.sock = sock
-        return True
-
-    def send(self, batch: LaneBatch, messages: Sequence[int], stats: Recipients) -> None:
-        """Send messages of ``batch`` in order, as packed in its outbox.
-
-        ``messages`` are indices into the batch, packed in this order: the
-        outbox's message ``k`` is ``messages[k]``. ``stats``: the one
-        subscription they all belong to, or a list with one per message.
-        """
-        count = len(messages)
-        each = stats if stats.__class__ is list else None
-        if each is None:
-            stats.routed += count
-        else:
-            for st in each:
-                st.routed += 1
-        if self.backlog:
-            self._queue(batch, messages, stats, 0)
-            return
-        if self.sock is None and (time.monotonic_ns() < self.retry_at or not self._connect()):
-            self._fail_from(stats, 0, count)
-            return
-        sock = self.sock
-        outbox = batch.outbox if mmsg.AVAILABLE else None
-        sizes = batch.sizes
-        k = 0
-        while k < count:
-            try:
-                if outbox is not None:
-                    sent = outbox.send(sock, k, count - k)
-                else:
-                    sock.send(batch.datagram(messages[k]))
-                    sent = 1
-            except BlockingIOError:
-                self._queue(batch, messages, stats, k)
-                self.on_blocked(self)
-                return
-            except OSError as exc:
-                self._failed(exc, stats if each is None else each[k])
-                k += 1
-                if self.sock is None and not self._connect():
-                    self._fail_from(stats, k, count)  # the listener is gone for now
-                    return
-                sock = self.sock
-                continue
-            if each is None:
-                stats.sent += sent
-                stats.bytes += sum(map(sizes.__getitem__, messages[k : k + sent]))
-            else:
-                for j in range(k, k + sent):
-                    st = each[j]
-                    st.sent += 1
-                    st.bytes += sizes[messages[j]]
-            k += sent
-
-    def _fail_from(self, stats: Recipients, start: int, count: int) -> None:
-        for k in range(start, count):
-            (stats[k] if stats.__class__ is list else stats).fail(self.last_errno)
-
-    def _queue(
-        self, batch: LaneBatch, messages: Sequence[int], stats: Recipients, start: int
-    ) -> None:
-        """Keep messages ``start..`` as datagrams until the socket is writable
-        (order kept); what finds the backlog full is dropped, and counted."""
-        backlog = self.backlog
-        room = self.backlog_limit - len(backlog)
-        for k in range(start, len(messages)):
-            st = stats[k] if stats.__class__ is list else stats
-            if room > 0:
-                backlog.append((batch.datagram(messages[k]), st))
-                room -= 1
-            else:
-                st.dropped += 1
-
-    def _failed(self, exc: OSError, stats: SubscriptionStats) -> None:
-        code = exc.errno or errno.EIO
-        stats.fail(code)
-        self.last_errno = code
-        if self.dest.kind == "unix" and code in (errno.ECONNREFUSED, errno.ENOENT, errno.ENOTCONN):
-            # The listener went away; a new one may bind the same path, so
-            # the next datagram reconnects. What waited for this socket fails.
-            self.close()
-            while self.backlog:
-                _, waiting = self.backlog.popleft()
-                waiting.fail(code)
-            self.retry_at = 0
-
-    def flush(self) -> bool:
-        """Send what the backlog holds; True when it is empty."""
-        backlog = self.backlog
-        sock = self.sock
-        while backlog:
-            datagram, stats = backlog[0]
-            if sock is None:
-                backlog.popleft()
-                stats.fail(self.last_errno)
-                continue
-            try:
-                sock.send(datagram)
-            except BlockingIOError:
-                return False
-            except OSError as exc:
-                backlog.popleft()
-                self._failed(exc, stats)
-                sock = self.sock
-                continue
-            backlog.popleft()
-            stats.sent += 1
-            stats.bytes += len(datagram)
-        return True
-
-    def drop_backlog(self) -> None:
-        while self.backlog:
-            _, stats = self.backlog.popleft()
-            stats.dropped += 1
-
-    def close(self) -> None:
-        if self.sock is not None:
-            # Unregister before closing: the number may be reused at once by
-            # another destination's socket, which must not inherit our poll.
-            self.on_closed(self)
-            self.sock.close()
-            self.sock = None
-
-
-class LaneBatch:
-    """The datagrams of one lane batch: pieces for the outbox, bytes only on demand.
-
-    A datagram becomes a ``bytes`` object only when it must wait in a
-    backlog or when there is no ``sendmmsg``: its params are in the outbox's
-    copy of the lane, which the next batch overwrites.
-    """
-
-    __slots__ = ("bodies", "notes", "outbox", "pieces", "sizes")
-
-    def __init__(self, outbox: Outbox, notes: list[Notification]):
-        self.outbox = outbox
-        self.notes = notes
-        self.pieces: list[int] = []  # six per message: see mpevent.processes.sender.mmsg
-        self.sizes: list[int] = []  # datagram bytes, per message
-        self.bodies: list[tuple[int, int, int]] = []  # (event id, offset, length) per message
-
-    def datagram(self, message: int) -> bytes:
-        event_id, at, n = self.bodies[message]
-        return self.notes[event_id].build(self.outbox.view[at : at + n])
+EventRoutes = list[list[tuple[Endpoint, SubscriptionStats]]]
 
 
 class Sender:
@@ -328,13 +97,15 @@ class Sender:
         seg: Segment,
         index: int,
         doorbell: Doorbell,
-        backlog_limit: int = DEFAULT_BACKLOG,
+        limits: BacklogLimits | None = None,
         parent_pid: int | None = None,
     ):
+        if limits is None:
+            limits = BacklogLimits()
         self.seg = seg
         self.index = index
         self.doorbell = doorbell
-        self.backlog_limit = backlog_limit
+        self.budget = BacklogBudget(limits.sender_backlog_bytes)  # all its backlogs' bytes
         self.parent_pid = parent_pid
         layout = seg.layout
         g = layout.geometry
@@ -356,18 +127,25 @@ class Sender:
         self._active_at = 0
         self._parent_checked_at = 0
         self.table_gen = -1
-        self.notes: list[Notification] = []
-        self.heads: list[
-            tuple[int, int, int, int]
-        ] = []  # per event: prefix, bare (address, length)
-        self.routes: list[list[tuple[Endpoint, SubscriptionStats]]] = []
-        self.all_routes: list[Route] = []
-        self.endpoints: dict[object, Endpoint] = {}
-        self.stats: dict[int, SubscriptionStats] = {}
-        self.next_deadline = 0
-        self.blocked: dict[int, Endpoint] = {}  # socket fd -> destination waiting for POLLOUT
+        self.table: list[Route] = []  # the hub's last table, expired routes included
+        self.notes: list[Notification] = []  # by event id
+        # By event id: where its datagrams' pieces are, (address, length) of
+        # its notification's prefix and of its datagram without params (the
+        # note keeps them alive).
+        self.prefixes: list[tuple[int, int, int, int]] = []
+        self.routing: Routing[Endpoint, SubscriptionStats] = Routing()
+        self.routes: EventRoutes = []  # self.routing.by_event, for the hot path
+        self._open_endpoint = partial(open_endpoint, limits=limits, budget=self.budget)
+        self._open_counters = partial(SubscriptionStats, seg, index)
+        # The poll registry: the doorbell, and each endpoint that waits for
+        # its descriptor. select.poll keeps no kernel state, so a descriptor
+        # an endpoint closed and reopened under the same number needs no
+        # unregistering first; the maps are put right after every call
+        # into an endpoint.
         self.poller = select.poll()
         self.poller.register(doorbell.read_fd, select.POLLIN)
+        self.waiting: dict[int, Endpoint] = {}  # descriptor -> the endpoint waiting on it
+        self.watched: dict[Endpoint, tuple[int, int]] = {}  # endpoint -> its registration
         self.outbox = Outbox()
 
     # -- subscription table ---------------------------------------------
@@ -380,78 +158,68 @@ class Sender:
         if got is None:
             return  # the hub is writing; try again next loop
         self.table_gen, snap = got
-        self.all_routes = snap.routes
-        names = event_names(self.seg, len(self.notes))
-        for name in names:
+        self.table = snap.routes
+        for name in event_names(self.seg, len(self.notes)):
             note = Notification(name)
             self.notes.append(note)
-            # Where the pieces of its datagrams are (kept alive by the note).
-            self.heads.append(
+            self.prefixes.append(
                 (address_of(note.prefix), len(note.prefix), address_of(note.bare), len(note.bare))
             )
-        self._build_routes(time.monotonic_ns())
+        self._route(time.monotonic_ns())
 
-    def _build_routes(self, now_ns: int) -> None:
-        routes: list[list[tuple[Endpoint, SubscriptionStats]]] = [[] for _ in self.notes]
-        live_stats: dict[int, SubscriptionStats] = {}
-        live_dests: dict[object, Endpoint] = {}
-        next_deadline = 0
-        for route in self.all_routes:
-            if route.deadline_ns and route.deadline_ns <= now_ns:
-                continue  # expired: never sent to, even before the hub removes it
-            if route.deadline_ns and (not next_deadline or route.deadline_ns < next_deadline):
-                next_deadline = route.deadline_ns
-            stats = self.stats.get(route.slot)
-            if stats is None or stats.sub_id != route.sub_id:
-                stats = SubscriptionStats(self.seg, self.index, route)
-            live_stats[route.slot] = stats
-            dest = route.destination
-            ep = live_dests.get(dest) or self.endpoints.get(dest)
-            if ep is None:
-                ep = Endpoint(route, self.backlog_limit, self._blocked, self._unblock)
-            live_dests[dest] = ep
-            if route.event_id < len(routes):
-                routes[route.event_id].append((ep, stats))
-        for dest, ep in self.endpoints.items():
-            if dest not in live_dests:
-                self._retire(ep)
-        for slot, stats in self.stats.items():
-            if slot not in live_stats:
-                stats.store(self.words)
-        self.stats = live_stats
-        self.endpoints = live_dests
-        self.routes = routes
-        self.next_deadline = next_deadline
+    def _route(self, now_ns: int) -> None:
+        routing, closed, retired = route(
+            self.table,
+            len(self.notes),
+            now_ns,
+            self.routing,
+            self._open_endpoint,
+            self._open_counters,
+        )
+        for ep in closed:
+            self._unwatch(ep)
+            ep.close()  # what waited is dropped, and counted
+        for stats in retired:
+            stats.store(self.words)
+        self.routing = routing
+        self.routes = routing.by_event
 
-    def _retire(self, ep: Endpoint) -> None:
-        ep.drop_backlog()
-        ep.close()  # unblocks it too
+    # -- the poll registry -------------------------------------------------
 
-    # -- backlog ----------------------------------------------------------
+    def _watch(self, ep: Endpoint) -> None:
+        """Register what ``ep`` waits for now, if that changed."""
+        want = ep.wants()
+        had = self.watched.get(ep)
+        if want == had:
+            return
+        if had is not None:
+            self._unwatch(ep)
+        if want is not None:
+            fd, events = want
+            stale = self.waiting.get(fd)
+            if stale is not None:  # it closed this descriptor, whose number is ep's now
+                del self.watched[stale]
+            self.waiting[fd] = ep
+            self.watched[ep] = want
+            self.poller.register(fd, events)
 
-    def _blocked(self, ep: Endpoint) -> None:
-        fd = ep.sock.fileno()
-        if fd not in self.blocked:
-            self.blocked[fd] = ep
-            self.poller.register(fd, select.POLLOUT)
-
-    def _unblock(self, ep: Endpoint) -> None:
-        if ep.sock is not None and self.blocked.get(ep.sock.fileno()) is ep:
-            fd = ep.sock.fileno()
-            del self.blocked[fd]
-            self.poller.unregister(fd)
+    def _unwatch(self, ep: Endpoint) -> None:
+        had = self.watched.pop(ep, None)
+        if had is not None and self.waiting.get(had[0]) is ep:
+            del self.waiting[had[0]]
+            self.poller.unregister(had[0])
 
     def _poll(self, timeout_ms: float) -> None:
-        """Wait for the doorbell or blocked destinations; flush those writable."""
-        flushed = False
-        for fd, _ in self.poller.poll(timeout_ms):
-            ep = self.blocked.get(fd)
+        """Wait for the doorbell or for waiting endpoints; let those go on."""
+        served = False
+        for fd, revents in self.poller.poll(timeout_ms):
+            ep = self.waiting.get(fd)
             if ep is None:
                 continue  # the doorbell
-            flushed = True
-            if ep.flush():  # empty (a closed socket unblocked itself)
-                self._unblock(ep)
-        if flushed:
+            served = True
+            ep.ready(revents)
+            self._watch(ep)
+        if served:
             self.store_counters()
 
     # -- the loop ---------------------------------------------------------
@@ -460,11 +228,11 @@ class Sender:
         """One pass over the lanes; returns the number of records taken.
 
         At most once, per lane batch: the batch's stretch of the lane is
-        copied out, what was taken is counted, ``head`` is committed, and
-        only then is it sent. A sender killed before the commit leaves the
-        records for its successor; killed after it, it takes at most one
-        batch with it, which its successor counts as lost
-        (:meth:`count_lost`), so the counters still add up:
+        copied out, what was taken is counted, its space is released
+        (``head`` stored), and only then is it sent. A sender killed before
+        the release leaves the records for its successor; killed after it,
+        it takes at most one batch with it, which its successor counts as
+        lost (:meth:`count_lost`), so the counters still add up:
         ``taken = dispatched + unrouted + send_oversize + lost``.
         """
         words = self.words
@@ -476,14 +244,14 @@ class Sender:
                 continue
             records, stretch, oldest_ns = reader.read_span(BATCH, STRETCH_BYTES)
             if not records:
-                reader.commit()  # only padding
+                reader.release()  # only padding
                 continue
             base = outbox.load(stretch)
             taken += len(records)
             counters = layout.cons_counter_word(lane, 0)
             batch = LaneBatch(outbox, self.notes)
             pieces, sizes, bodies = batch.pieces, batch.sizes, batch.bodies
-            routes, heads = self.routes, self.heads
+            routes, prefixes = self.routes, self.prefixes
             ids: list[int] = []  # event id per message
             skipped: list[tuple[int, int]] = []  # (event id, C_UNROUTED or C_OVERSIZE)
             for event_id, at, n in records:
@@ -491,17 +259,17 @@ class Sender:
                     # A producer may have seen the subscriber count before
                     # we saw the table that goes with it: look again.
                     self.reload()
-                    routes, heads = self.routes, self.heads
+                    routes, prefixes = self.routes, self.prefixes
                     if event_id >= len(routes) or not routes[event_id]:
                         skipped.append((event_id, C_UNROUTED))
                         continue
-                head_at, head_len, bare_at, bare_len = heads[event_id]
+                prefix_at, prefix_len, bare_at, bare_len = prefixes[event_id]
                 if n:
-                    if head_len + n + 1 > MAX_DATAGRAM:
+                    if prefix_len + n + 1 > MAX_DATAGRAM:
                         skipped.append((event_id, C_OVERSIZE))
                         continue
-                    pieces += (head_at, head_len, base + at, n, CLOSE_AT, 1)
-                    sizes.append(head_len + n + 1)
+                    pieces += (prefix_at, prefix_len, base + at, n, CLOSE_AT, 1)
+                    sizes.append(prefix_len + n + 1)
                 else:
                     pieces += (bare_at, bare_len, 0, 0, 0, 0)
                     sizes.append(bare_len)
@@ -511,17 +279,17 @@ class Sender:
             single = bool(ids) and ids.count(ids[0]) == len(ids)
             per_event = {ids[0]: len(ids)} if single else Counter(ids)
             for event_id, n in per_event.items():
-                words[counters + event_id * 8 + C_TAKEN] += n
+                words[counters + event_id * COUNTER_WORDS + C_TAKEN] += n
             if skipped:
                 for (event_id, why), n in Counter(skipped).items():
-                    words[counters + event_id * 8 + C_TAKEN] += n
-                    words[counters + event_id * 8 + why] += n
-            reader.commit()
+                    words[counters + event_id * COUNTER_WORDS + C_TAKEN] += n
+                    words[counters + event_id * COUNTER_WORDS + why] += n
+            reader.release()
             if ids:
                 self._count_age(oldest_ns, len(ids))
                 self._send_batch(batch, ids, routes, single)
                 for event_id, n in per_event.items():
-                    words[counters + event_id * 8 + C_DISPATCHED] += n
+                    words[counters + event_id * COUNTER_WORDS + C_DISPATCHED] += n
         return taken
 
     def _count_age(self, oldest_ns: int, events: int) -> None:
@@ -534,23 +302,22 @@ class Sender:
         words[me + S_AGE_HIST + bucket] += events
 
     def _send_batch(
-        self,
-        batch: LaneBatch,
-        ids: list[int],
-        routes: list[list[tuple[Endpoint, SubscriptionStats]]],
-        single: bool,
+        self, batch: LaneBatch, ids: list[int], routes: EventRoutes, single: bool
     ) -> None:
         """Every message to its event's destinations: one packing for all of
         them when the batch holds a single event (the usual case), else one
         run per destination, packed in turn."""
         outbox = self.outbox
         words = self.words
+        watched = self.watched
         if single:
             outbox.pack(batch.pieces)
             everything = range(len(ids))
             for ep, stats in routes[ids[0]]:
                 ep.send(batch, everything, stats)
                 stats.store(words)
+                if watched or ep.wants() is not None:
+                    self._watch(ep)
             return
         runs: dict[Endpoint, tuple[list[int], list[SubscriptionStats]]] = {}
         for i, event_id in enumerate(ids):
@@ -563,11 +330,18 @@ class Sender:
                     run[1].append(stats)
         pieces = batch.pieces
         touched: set[SubscriptionStats] = set()
-        for ep, (messages, stats) in runs.items():
-            w = INTS_PER_MESSAGE
+        w = INTS_PER_MESSAGE
+        for ep, (messages, owners) in runs.items():
             outbox.pack([x for i in messages for x in pieces[i * w : i * w + w]])
-            ep.send(batch, messages, stats)
-            touched.update(stats)
+            first = owners[0]
+            if owners.count(first) == len(owners):  # one subscription's run
+                ep.send(batch, messages, first)
+                touched.add(first)
+            else:
+                ep.send(batch, messages, PerMessage(owners))
+                touched.update(owners)
+            if watched or ep.wants() is not None:
+                self._watch(ep)
         # Only the subscriptions this batch used: with many subscribers,
         # storing all of them after every small batch would dominate.
         for stats in touched:
@@ -575,7 +349,8 @@ class Sender:
 
     def count_lost(self) -> int:
         """At start: count what a killed predecessor took and never sent
-        (events, as ``lost``) and what its backlogs held (as ``dropped``)."""
+        (events, as ``lost``) and what its backlogs held (as ``dropped``,
+        with ``pending`` back to 0)."""
         words, layout = self.words, self.seg.layout
         lost = 0
         for lane, _ in self.readers:
@@ -591,22 +366,10 @@ class Sender:
                 if missing > 0:
                     words[cw + C_LOST] += missing
                     lost += missing
-        # Datagrams that waited in the predecessor's backlogs went with it:
-        # they count as dropped for their destination, never as pending forever.
-        for slot in range(layout.geometry.max_subs):
-            w = layout.dest_counter_word(self.index, slot)
-            if not words[w + D_ID]:
-                continue
-            pending = words[w + D_ROUTED] - (
-                words[w + D_SENT] + words[w + D_FAILED] + words[w + D_DROPPED]
-            )
-            if pending > 0:
-                words[w + D_DROPPED] += pending
-                lost += pending
-        return lost
+        return lost + drop_predecessor_backlogs(self.seg, self.index)
 
     def store_counters(self) -> None:
-        for stats in self.stats.values():
+        for stats in self.routing.counters.values():
             stats.store(self.words)
 
     def run(self) -> int:
@@ -622,12 +385,13 @@ class Sender:
         while True:
             self.reload()
             now = time.monotonic_ns()
-            if self.next_deadline and now >= self.next_deadline:
-                self._build_routes(now)
+            deadline = self.routing.next_deadline_ns
+            if deadline and now >= deadline:
+                self._route(now)
             if now >= self._active_at:
                 self._refresh_active(now)
             taken = self.drain_once()
-            if self.blocked:
+            if self.waiting:
                 self._poll(0)
             words[me + S_LOOPS] += 1
             stopping = self._should_stop(now)
@@ -640,15 +404,15 @@ class Sender:
                 self._refresh_active(now)  # a lane claimed a moment ago counts too
                 if self.drain_once():
                     continue
-                if not self.blocked:
+                if not self.waiting:
                     break
                 if not idle_since:
                     idle_since = now
-                elif now - idle_since > 2_000_000_000:
+                elif now - idle_since > STUCK_AT_STOP_NS:
                     break  # a receiver that never reads: stop waiting for it
             self._sleep()
-        for ep in self.endpoints.values():
-            ep.drop_backlog()
+        for ep in self.routing.endpoints.values():
+            self._unwatch(ep)
             ep.close()
         self.store_counters()
         return 0
@@ -674,10 +438,10 @@ class Sender:
         # coming, producers never find the sender asleep (no doorbell
         # syscall), and the sender takes them in batches instead of reading
         # each lane's tail line right behind the producer writing it (which
-        # would cost the producer a cache miss per event). Not while a
-        # destination is blocked: then poll() must wait for it.
+        # would cost the producer a cache miss per event). Not while an
+        # endpoint waits for its socket: then poll() must wait for it.
         active = [reader for _, reader in self.active]
-        if not self.blocked:
+        if not self.waiting:
             for _ in range(NAPS):
                 time.sleep(NAP)
                 for reader in active:
@@ -690,8 +454,9 @@ class Sender:
             words[flag] = 0
             return
         timeout = MAX_SLEEP * 1000
-        if self.next_deadline:
-            timeout = min(timeout, max(0.0, (self.next_deadline - time.monotonic_ns()) / 1e6))
+        deadline = self.routing.next_deadline_ns
+        if deadline:
+            timeout = min(timeout, max(0.0, (deadline - time.monotonic_ns()) / 1e6))
         self._poll(timeout)
         words[flag] = 0
         self.doorbell.drain()

@@ -18,7 +18,9 @@ sockets are connected). A batch packed once is sent to any number of
 destinations.
 
 Where the C library has no ``sendmmsg`` (not Linux), :data:`AVAILABLE` is
-false and callers send datagrams one at a time.
+false and callers send datagrams one at a time. ``MPEVENT_NO_SENDMMSG=1`` in
+the environment forces that fallback (the tests run both ways); the senders
+start in fresh interpreters, so the environment is how a switch reaches them.
 """
 
 from __future__ import annotations
@@ -74,7 +76,7 @@ assert struct.calcsize("2N") == ctypes.sizeof(_IoVec)
 _HDR_BYTES = ctypes.sizeof(_MMsgHdr)
 
 #: Whether datagrams really go out in batches here (else one send per datagram).
-AVAILABLE = _sendmmsg is not None
+AVAILABLE = _sendmmsg is not None and os.environ.get("MPEVENT_NO_SENDMMSG") != "1"
 
 
 def address_of(data: bytes) -> int:

@@ -1,0 +1,36 @@
+"""Benchmark: mpevent side by side with the other ways to get events out of workers.
+
+Run with ``python -m mpevent.tools.bench`` or ``mpevent bench`` (``--quick``
+for a CI smoke run under a minute, ``--json [FILE]`` for the figures as
+JSON, ``--plot FILE.png`` for a chart). Everything is measured in the same
+run, with the same payload, and reported as ratios too: the machine is
+shared and noisy, so cases are interleaved in rounds (in a shuffled order
+per round) and drift hits them all alike. All traffic stays on 127.0.0.1.
+The CPU time the rest of the machine used meanwhile is printed per section
+(and kept per run in the JSON): on a shared 2-core machine it explains most
+of the spread between runs.
+
+One module per section, each with the processes it runs:
+
+* :mod:`.cost` 1. producer cost per call, against inline ``sendto`` and queue puts;
+* :mod:`.e2e` 2. end to end: delivered events/s, against queue pipelines and
+  a bare ``sendto`` loop, and the CPU per delivered event;
+* :mod:`.fanout` 3. fan-out to 1, 8 and 64 subscribers;
+* :mod:`.latency` 4. raise-to-receive latency at 10, 50 and 90 % of capacity;
+* :mod:`.memory` 5. peak RSS and USS per process and role, the segment's size.
+
+and around them: :mod:`.config` (the payload and how much a run does),
+:mod:`.bodies` (what the child processes run), :mod:`.plumbing` (spawning
+and always reaping children, starting them together, sink sockets),
+:mod:`.cpu` (CPU accounting of the machine and the processes),
+:mod:`.report` (targets, printed tables, JSON), :mod:`.plot` (the chart)
+and :mod:`.runner` (options and entry points). The statistics and table
+helpers are :mod:`mpevent.tools.report`'s.
+
+The optional pipelines and the chart need ``pip install 'mpevent[bench]'``
+(faster-fifo, matplotlib); without them those parts are skipped with a note.
+"""
+
+from mpevent.tools.bench.runner import build_parser, main, run
+
+__all__ = ["build_parser", "main", "run"]

@@ -1,0 +1,203 @@
+"""Section 2, end to end: delivered events/s from producer processes to one UDP sink.
+
+mpevent with 1, 2 and 4 producer processes and 1 and 2 senders, against
+the same pipelines built on ``multiprocessing.Queue`` and on
+``faster_fifo`` (producers put, sender processes get, encode with orjson,
+``sendto``), and against one process doing nothing but ``sendto`` of a
+prebuilt datagram (the sender-side limit). mpevent producers retry when the
+lane is full, so nothing is lost: mpevent's ``dropped`` counter then counts
+those retries. delivered/raised is reported for every case, and where the
+CPU went per delivered event, per role. :func:`run_pipeline` is also the
+latency section's capacity run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+from collections.abc import Iterable
+from typing import Any
+
+import psutil
+
+from mpevent.api.bus import EventBus
+from mpevent.tools.bench.bodies import (
+    bare_sender,
+    count_sink,
+    mpevent_producer,
+    queue_producer,
+    queue_sender,
+)
+from mpevent.tools.bench.config import EVENT, PIPELINES, Config
+from mpevent.tools.bench.cpu import CpuMark, other_cores, tree_cpu
+from mpevent.tools.bench.memory import MemoryMonitor
+from mpevent.tools.bench.plumbing import (
+    CTX,
+    Spawner,
+    StartLine,
+    closing_queue,
+    make_queue,
+    udp_addr,
+    udp_drops,
+    udp_socket,
+)
+from mpevent.tools.report import median, per_second, ratio
+
+
+def split_evenly(total: int, parts: int) -> list[int]:
+    """``total`` split into ``parts`` counts that differ by at most one."""
+    base, extra = divmod(total, parts)
+    return [base + (1 if i < extra else 0) for i in range(parts)]
+
+
+def run_pipeline(
+    kind: str, producers: int, senders: int, total: int, cfg: Config, monitor: MemoryMonitor, ff
+) -> dict[str, Any]:
+    """One end-to-end run: ``total`` events from ``producers`` processes to one UDP sink.
+
+    ``kind``: mpevent, mp_queue, faster_fifo, bare or bare_connected (one
+    process sending a prebuilt datagram ``total`` times).
+    """
+    mark = CpuMark.now()
+    sock = udp_socket()
+    target = sock.getsockname()
+    res_r, res_w = CTX.Pipe(duplex=False)
+    bare_r, bare_w = CTX.Pipe(duplex=False)
+    pipeline = "bare" if kind.startswith("bare") else kind
+    bare = pipeline == "bare"
+    start = StartLine(1 if bare else producers)
+    with contextlib.ExitStack() as stack:
+        for closer in (sock.close, res_r.close, res_w.close, bare_r.close, bare_w.close):
+            stack.callback(closer)
+        bus = q = None
+        if kind == "mpevent":
+            bus = stack.enter_context(EventBus(senders=senders))
+            bus.publish_event(EVENT)
+            bus.subscribe(EVENT, udp_addr(sock), expire=None)
+            monitor.watch(bus.hub_pid, pipeline, "hub")
+            monitor.watch_children(bus.hub_pid, pipeline, "sender", senders)
+        elif not bare:
+            q = stack.enter_context(closing_queue(make_queue(kind, ff)))
+        sp = stack.enter_context(Spawner(monitor, pipeline))
+        sp.start("sink", count_sink, sock, total, cfg.idle_timeout, res_w)
+        workers: list[Any] = []
+        if bare:
+            workers.append(
+                sp.start(
+                    "sender",
+                    bare_sender,
+                    [target],
+                    total,
+                    kind == "bare_connected",
+                    start,
+                    bare_w,
+                )
+            )
+        elif kind == "mpevent":
+            seq0 = 0
+            for n in split_evenly(total, producers):
+                workers.append(sp.start("producer", mpevent_producer, bus, start, n, seq0))
+                seq0 += n
+        else:
+            sends = [
+                sp.start("sender", queue_sender, q, kind == "faster_fifo", target)
+                for _ in range(senders)
+            ]
+            seq0 = 0
+            for n in split_evenly(total, producers):
+                workers.append(sp.start("producer", queue_producer, q, start, n, seq0))
+                seq0 += n
+        t0 = start.release()
+        monitor.sample()
+        sp.wait(workers, cfg.run_timeout)
+        if q is not None:
+            for _ in range(senders):
+                q.put(None)
+            sp.wait(sends, cfg.run_timeout)
+        got, _first, last = sp.receive(res_r, cfg.run_timeout)
+        monitor.sample()
+        result: dict[str, Any] = {
+            "pipeline": kind,
+            "producers": producers,
+            "senders": senders,
+            "raised": total,
+            "delivered": got,
+            "lost": total - got,
+            "seconds": (last - t0) / 1e9 if got else math.nan,
+            "rate": per_second(got, (last - t0) / 1e9) if got else math.nan,
+            "sink_kernel_drops": udp_drops([sock]),
+        }
+        if bare:
+            send_ns = sp.receive(bare_r, cfg.run_timeout)
+            result["send_rate"] = per_second(total, send_ns / 1e9)
+        if bus is not None:
+            result["bus_totals"] = bus.stats()["totals"]
+            senders_cpu = tree_cpu(c.pid for c in psutil.Process(bus.hub_pid).children())
+    cpu = sp.cpu_by_role()
+    if bus is not None:
+        cpu["sender"] = senders_cpu
+    # Where the CPU went, per delivered event: the profile behind the rates.
+    result["cpu_us_per_event"] = {role: sec / got * 1e6 for role, sec in cpu.items()} if got else {}
+    result["other_cores"] = other_cores(mark, CpuMark.now())
+    return result
+
+
+def _cases(cfg: Config, ff: Any) -> list[tuple[str, int, int]]:
+    kinds = [k for k in PIPELINES if k != "faster_fifo" or ff is not None]
+    cases = [(k, p, s) for k in kinds for p in cfg.e2e_producers for s in cfg.e2e_senders]
+    return [*cases, ("bare", 1, 1), ("bare_connected", 1, 1)]
+
+
+def end_to_end(cfg: Config, monitor: MemoryMonitor, ff: Any, rng: random.Random) -> dict:
+    cases = _cases(cfg, ff)
+    runs: list[dict[str, Any]] = []
+    for _ in range(cfg.e2e_rounds):
+        order = list(cases)
+        rng.shuffle(order)
+        for kind, p, s in order:
+            runs.append(run_pipeline(kind, p, s, cfg.e2e_events, cfg, monitor, ff))
+    summary = []
+    for kind, p, s in cases:
+        mine = [r for r in runs if (r["pipeline"], r["producers"], r["senders"]) == (kind, p, s)]
+        row = {
+            "pipeline": kind,
+            "producers": p,
+            "senders": s,
+            "rate": median([r["rate"] for r in mine]),
+            "rates": [r["rate"] for r in mine],
+            "raised": sum(r["raised"] for r in mine),
+            "delivered": sum(r["delivered"] for r in mine),
+            "sink_kernel_drops": sum(r["sink_kernel_drops"] or 0 for r in mine),
+        }
+        row["lost"] = row["raised"] - row["delivered"]
+        row["loss"] = row["lost"] / row["raised"]
+        if kind.startswith("bare"):
+            row["send_rate"] = median([r["send_rate"] for r in mine])
+        if kind == "mpevent":
+            row["bus_totals"] = _sum_counters(r["bus_totals"] for r in mine)
+        roles = sorted({role for r in mine for role in r["cpu_us_per_event"]})
+        row["cpu_us_per_event"] = {
+            role: median([r["cpu_us_per_event"].get(role, math.nan) for r in mine])
+            for role in roles
+        }
+        summary.append(row)
+    by_key = {(r["pipeline"], r["producers"], r["senders"]): r for r in summary}
+    for row in summary:
+        for base in ("mp_queue", "faster_fifo"):
+            other = by_key.get((base, row["producers"], row["senders"]))
+            row[f"x_{base}"] = ratio(row["rate"], other["rate"]) if other else None
+    return {
+        "events_per_run": cfg.e2e_events,
+        "rounds": cfg.e2e_rounds,
+        "summary": summary,
+        "runs": runs,
+    }
+
+
+def _sum_counters(dicts: Iterable[dict[str, int]]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for d in dicts:
+        for k, v in d.items():
+            out[k] = out.get(k, 0) + v
+    return out
