@@ -20,7 +20,7 @@ False (lane full: dropped; or nobody subscribed). Users pace themselves with
 Locust's tables print whole milliseconds, so at the end the master also
 prints the raise_event duration in microseconds and the lane of every locust
 process (each worker sends its histogram with its stats reports; the
-percentiles of the histograms are :func:`mpevent.tools.report.percentile`'s,
+percentiles of the histograms are :func:`mpevent.tools.figures.percentile`'s,
 as the benchmark's).
 
 Configuration: ``MPEVENT_NAME`` (environment, read at import: the segment of
@@ -40,7 +40,7 @@ from locust import User, constant_throughput, events, stats, task
 from locust.runners import MasterRunner, WorkerRunner
 
 import mpevent
-from mpevent.tools.report import percentile
+from mpevent.tools.figures import percentile
 
 NAME = os.environ.get("MPEVENT_NAME", "mpevent")
 EVENT = "E_LOAD"

@@ -15,7 +15,7 @@ subscriber has received every event the hub enqueued since the sink started
 summary and exits 0 when nothing is missing that the hub did not count
 itself (a destination's send failures and backlog drops), nothing was
 malformed and nothing arrived out of order; 1 otherwise. Latency
-percentiles are :func:`mpevent.tools.report.percentile`'s, as the
+percentiles are :func:`mpevent.tools.figures.percentile`'s, as the
 benchmark's.
 
 Run it by hand (from the repository root, with the venv's python)::
@@ -47,7 +47,7 @@ import orjson
 
 import mpevent
 from mpevent.system import set_rcvbuf
-from mpevent.tools.report import fmt_ms, fmt_num, format_table, summarize
+from mpevent.tools.figures import fmt_ms, fmt_num, format_table, summarize
 
 DEFAULT_EVENTS = ("E_LOAD", "E_SIP_REQUEST", "E_PIKE_BLOCKED")
 PREFIX = b'{"jsonrpc":"2.0","method":"'

@@ -1,7 +1,7 @@
 """The benchmark: its verdicts and report, and a tiny run of every section end to end.
 
 The statistics and tables it shares with the CLI and the demo are tested in
-test_report.py.
+test_figures.py.
 """
 
 from __future__ import annotations

@@ -18,11 +18,12 @@ from support import Daemon, UdpSink, running, wait_for
 from mpevent.api.client import MIClient, MIHttpClient
 from mpevent.system import free_port
 from mpevent.tools import cli
-from mpevent.tools.cli import (
+from mpevent.tools.cli import commands
+from mpevent.tools.cli.text import (
     UsageError,
     event_rows,
     format_notification,
-    format_table,
+    format_timestamp,
     human_bytes,
     listen_destination,
     make_client,
@@ -34,6 +35,7 @@ from mpevent.tools.cli import (
     stat_rates,
     subscriber_rows,
 )
+from mpevent.tools.figures import format_table
 
 EXPECTED = b'{"jsonrpc":"2.0","method":"E_X","params":{"ip":"1.2.3.4","n":5}}'
 
@@ -194,7 +196,7 @@ def test_stat_rates():
 
 def test_format_notification():
     when = 1_700_000_000.25
-    stamp = cli.format_timestamp(when)
+    stamp = format_timestamp(when)
     assert stamp.endswith(".250")
     line = format_notification(EXPECTED, when)
     assert line == f"{stamp} E_X ip=1.2.3.4 n=5"
@@ -424,7 +426,7 @@ def test_stats_and_ps(capsys, monkeypatch, daemon: Daemon, udp_sink: UdpSink):
         if len(sleeps) == 3:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli.time, "sleep", sleep)
+    monkeypatch.setattr(commands.time, "sleep", sleep)
     code, out, _ = run(capsys, "--mi", mi, "stats", "event:E_X.raised", "--watch", "0.05")
     assert code == 0 and len(sleeps) == 3
     screens = out.strip().split("\n\n")

@@ -21,7 +21,8 @@ import pytest
 from support import wait_for
 
 from mpevent.shm.segment import SHM_DIR, Segment
-from mpevent.workers.sipproxy import SipProxy, parse_request
+from mpevent.workers.sip import parse_request
+from mpevent.workers.sipproxy import SipProxy
 
 ROOT = Path(__file__).resolve().parent.parent
 

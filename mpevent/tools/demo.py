@@ -44,8 +44,8 @@ import orjson
 
 from mpevent.shm.segment import shm_path
 from mpevent.system import die_with_parent, fork_call, reap, set_rcvbuf
+from mpevent.tools.figures import fmt_ms, fmt_num, format_table, per_second, summarize
 from mpevent.tools.private import PrivateHub, short_tmpdir
-from mpevent.tools.report import fmt_ms, fmt_num, format_table, per_second, summarize
 from mpevent.workers import traffic
 from mpevent.workers.sipproxy import SipProxy
 

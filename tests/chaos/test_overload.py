@@ -19,7 +19,7 @@ from support import wait_for
 
 from mpevent import EventBus
 from mpevent.system import fork_call, reap
-from mpevent.tools.report import percentile
+from mpevent.tools.figures import percentile
 
 SECONDS = float(os.environ.get("MPEVENT_OVERLOAD_SECONDS", "4"))
 PRODUCERS = 3

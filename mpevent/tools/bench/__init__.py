@@ -25,7 +25,7 @@ and always reaping children, starting them together, sink sockets),
 :mod:`.cpu` (CPU accounting of the machine and the processes),
 :mod:`.report` (targets, printed tables, JSON), :mod:`.plot` (the chart)
 and :mod:`.runner` (options and entry points). The statistics and table
-helpers are :mod:`mpevent.tools.report`'s.
+helpers are :mod:`mpevent.tools.figures`'s.
 
 The optional pipelines and the chart need ``pip install 'mpevent[bench]'``
 (faster-fifo, matplotlib); without them those parts are skipped with a note.

@@ -37,7 +37,7 @@ from mpevent.tools.bench.plumbing import (
     udp_addr,
     udp_socket,
 )
-from mpevent.tools.report import median, ratio, summarize
+from mpevent.tools.figures import median, ratio, summarize
 
 COST_EVENTS = {0: "E_NOBODY", 1: "E_ONE", 8: "E_EIGHT", 64: "E_MANY"}
 

@@ -42,7 +42,7 @@ from mpevent.tools.bench.plumbing import (
     udp_drops,
     udp_socket,
 )
-from mpevent.tools.report import median, per_second, ratio
+from mpevent.tools.figures import median, per_second, ratio
 
 
 def split_evenly(total: int, parts: int) -> list[int]:

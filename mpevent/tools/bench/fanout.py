@@ -18,7 +18,7 @@ from mpevent.tools.bench.config import EVENT, Config
 from mpevent.tools.bench.cpu import CpuMark, other_cores
 from mpevent.tools.bench.memory import MemoryMonitor
 from mpevent.tools.bench.plumbing import CTX, Spawner, StartLine, udp_addr, udp_drops, udp_socket
-from mpevent.tools.report import median, per_second, ratio
+from mpevent.tools.figures import median, per_second, ratio
 
 
 def run_fanout(

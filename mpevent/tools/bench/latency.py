@@ -25,7 +25,7 @@ from mpevent.tools.bench.cpu import CpuMark, busy_cores, other_cores
 from mpevent.tools.bench.e2e import run_pipeline
 from mpevent.tools.bench.memory import MemoryMonitor
 from mpevent.tools.bench.plumbing import CTX, Spawner, StartLine, udp_addr, udp_socket
-from mpevent.tools.report import median, per_second, summarize
+from mpevent.tools.figures import median, per_second, summarize
 
 
 def run_latency(

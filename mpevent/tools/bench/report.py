@@ -4,7 +4,7 @@
 measured ratio and PASS, MISS or n/a (a section that did not run is not a
 failure); :func:`render_report` is the text ``mpevent bench`` prints;
 :func:`write_json` writes the results as they are (what ``--json`` gives).
-Tables and number formats are :mod:`mpevent.tools.report`'s, shared with
+Tables and number formats are :mod:`mpevent.tools.figures`'s, shared with
 the CLI and the demo. Pure code: figures in, text out.
 """
 
@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 
 from mpevent.tools.bench.config import PIPELINE_LABELS
-from mpevent.tools.report import (
+from mpevent.tools.figures import (
     fmt_bytes,
     fmt_num,
     fmt_ratio,

@@ -1,0 +1,297 @@
+"""The ``mpevent`` subcommands: each one's I/O, given its parsed arguments.
+
+This module owns what a subcommand does: the MI calls through the chosen
+client (a socket error on the way counts as no answer from the hub), printing
+tables or JSON, the ``stats --watch`` loop, the ``listen`` socket (bound here,
+and its UNIX socket file removed on exit only if it is still the one bound),
+and handing ``demo``, ``bench`` and ``serve`` to the programs that do them.
+Each function takes the :class:`argparse.Namespace` and returns an exit code;
+the text they parse and print is :mod:`mpevent.tools.cli.text`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from mpevent.api.client import MIUnavailable
+from mpevent.protocol.destination import Destination
+from mpevent.tools.cli.text import (
+    EXIT_CALL_ERROR,
+    EXIT_OK,
+    UsageError,
+    destination,
+    event_rows,
+    format_notification,
+    format_timestamp,
+    listen_destination,
+    make_client,
+    parse_json_params,
+    parse_kv,
+    pick_mi_address,
+    process_rows,
+    stat_rates,
+    stats_table,
+    subscriber_rows,
+)
+from mpevent.tools.figures import format_table
+
+MAX_RECV = 1 << 16
+
+
+def _print_json(value: Any) -> None:
+    print(orjson.dumps(value).decode(), flush=True)
+
+
+class _MI:
+    """The chosen client; a socket error on the way (EACCES on a UNIX socket,
+    no route) is no answer from the hub, like a timeout."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.address, self.source = pick_mi_address(
+            args.mi, os.environ, _default_socket(), socket_exists=_is_socket
+        )
+        args.mi_address, args.mi_source = self.address, self.source
+        self.client = make_client(self.address, args.timeout)
+
+    def call(self, method: str, params: Any = None) -> Any:
+        try:
+            return self.client.call(method, params)
+        except OSError as exc:
+            if isinstance(exc, MIUnavailable):
+                raise
+            raise MIUnavailable(f"no MI answer from {self.address}: {exc}") from None
+
+
+def _default_socket() -> Path:
+    from mpevent.protocol.config import runtime_dir
+
+    return runtime_dir() / "mpevent.sock"
+
+
+def _is_socket(path: Path) -> bool:
+    try:
+        return path.is_socket()
+    except OSError:
+        return False
+
+
+def _done(args: argparse.Namespace, result: Any, message: str) -> int:
+    if args.json:
+        _print_json(result)
+    else:
+        print(message)
+    return EXIT_OK
+
+
+def subscribe(args: argparse.Namespace) -> int:
+    destination(args.socket)
+    params = [args.event, args.socket] + ([] if args.expire is None else [args.expire])
+    result = _MI(args).call("event_subscribe", params)
+    expire = "the default time" if args.expire is None else f"{args.expire} s"
+    if args.expire == 0:
+        return _done(args, result, f"unsubscribed {args.socket} from {args.event}")
+    return _done(args, result, f"subscribed {args.socket} to {args.event} for {expire}")
+
+
+def unsubscribe(args: argparse.Namespace) -> int:
+    destination(args.socket)
+    result = _MI(args).call("event_subscribe", [args.event, args.socket, 0])
+    return _done(args, result, f"unsubscribed {args.socket} from {args.event}")
+
+
+def events(args: argparse.Namespace) -> int:
+    result = _MI(args).call("events_list")
+    if args.json:
+        _print_json(result)
+    else:
+        print(format_table(("ID", "NAME"), event_rows(result)))
+    return EXIT_OK
+
+
+def subscribers(args: argparse.Namespace) -> int:
+    params = None
+    if args.event is not None:
+        params = [args.event]
+        if args.socket is not None:
+            destination(args.socket)
+            params.append(args.socket)
+    result = _MI(args).call("subscribers_list", params)
+    if args.json:
+        _print_json(result)
+    else:
+        headers = ("EVENT", "SOCKET", "EXPIRE", "TTL")
+        print(format_table(headers, subscriber_rows(result), align="llrr"))
+    return EXIT_OK
+
+
+def raise_event(args: argparse.Namespace) -> int:
+    if args.json_params is not None and args.params:
+        raise UsageError("give KEY=VALUE parameters or --json-params, not both")
+    if args.json_params is not None:
+        params: Any = parse_json_params(args.json_params)
+    else:
+        params = parse_kv(args.params) or None
+    call = {"event": args.event} if params is None else {"event": args.event, "params": params}
+    result = _MI(args).call("raise_event", call)
+    return _done(args, result, f"raised {args.event}")
+
+
+def stats(args: argparse.Namespace) -> int:
+    client = _MI(args)
+    names = args.names + getattr(args, "watch_names", [])
+    params = {"statistics": names} if names else None
+    if args.watch is None:
+        result = client.call("get_statistics", params)
+        if args.json:
+            _print_json(result)
+        else:
+            print(stats_table(result))
+        return EXIT_OK
+    redraw = not args.json and sys.stdout.isatty()
+    before: Mapping[str, Any] | None = None
+    taken = 0.0
+    next_at = time.monotonic()
+    try:
+        while True:
+            values = client.call("get_statistics", params)
+            now = time.monotonic()
+            rates = stat_rates(before, values, now - taken) if before is not None else {}
+            if args.json:
+                _print_json({"time": time.time(), "statistics": values, "rates": rates})
+            else:
+                head = f"{format_timestamp(time.time())}  every {args.watch:g} s, Ctrl-C to stop"
+                screen = f"{head}\n{stats_table(values, rates)}\n"
+                sys.stdout.write(("\x1b[H\x1b[2J" + screen) if redraw else screen + "\n")
+                sys.stdout.flush()
+            before, taken = values, now
+            next_at = max(next_at + args.watch, time.monotonic())
+            time.sleep(next_at - time.monotonic())
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+def ps(args: argparse.Namespace) -> int:
+    result = _MI(args).call("ps")
+    if args.json:
+        _print_json(result)
+    else:
+        print(format_table(("PID", "TYPE", "CPU", "RSS"), process_rows(result), align="rlrr"))
+    return EXIT_OK
+
+
+class _Stop(Exception):
+    """SIGTERM while listening: leave like on Ctrl-C."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise _Stop
+
+
+def _bind_listener(dest: Destination) -> tuple[socket.socket, Path | None]:
+    """Bind ``dest``; returns the socket and the UNIX socket file it created."""
+    created = None
+    if dest.family == socket.AF_UNIX and not dest.host.startswith("\0"):
+        from mpevent.system import SocketInUse, claim_socket_path
+
+        created = Path(dest.host)
+        try:
+            claim_socket_path(created)
+        except SocketInUse as exc:
+            raise UsageError(f"cannot listen on {dest}: {exc}") from None
+    sock = socket.socket(dest.family, socket.SOCK_DGRAM)
+    try:
+        if dest.family != socket.AF_UNIX:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        sock.bind(dest.sockaddr)
+    except OSError as exc:
+        sock.close()
+        raise UsageError(f"cannot listen on {dest}: {exc.strerror or exc}") from None
+    return sock, created
+
+
+def listen(args: argparse.Namespace) -> int:
+    dest = listen_destination(args.socket)
+    raw = args.raw or args.json
+    sock, created = _bind_listener(dest)
+    inode = created.stat().st_ino if created is not None else None
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main else None
+    out = getattr(sys.stdout, "buffer", None)
+    try:
+        print(f"mpevent: listening on {dest} (Ctrl-C to stop)", file=sys.stderr, flush=True)
+        received = 0
+        while args.count is None or received < args.count:
+            data = sock.recv(MAX_RECV)
+            received += 1
+            if not raw:
+                print(format_notification(data, time.time()), flush=True)
+            elif out is not None:
+                out.write(data + b"\n")
+                out.flush()
+            else:
+                sys.stdout.write(data.decode("utf-8", "replace") + "\n")
+                sys.stdout.flush()
+    except (KeyboardInterrupt, _Stop):
+        pass
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
+        sock.close()
+        # Remove the file only if it is still the one we bound.
+        if created is not None:
+            try:
+                if created.stat().st_ino == inode:
+                    created.unlink()
+            except FileNotFoundError:
+                pass
+    return EXIT_OK
+
+
+def _delegate(main: Callable[[list[str]], int], argv: list[str]) -> int:
+    """Run a program that parses its own options (the demo, the benchmark)."""
+    try:
+        return main(argv)
+    except SystemExit as exc:  # its argparse (--help, a usage error) or sys.exit()
+        if exc.code is None or isinstance(exc.code, int):
+            return exc.code or EXIT_OK
+        print(exc.code, file=sys.stderr)
+        return EXIT_CALL_ERROR
+
+
+def demo(args: argparse.Namespace) -> int:
+    from mpevent.tools.demo import main as demo_main
+
+    return _delegate(demo_main, args.args)
+
+
+def bench(args: argparse.Namespace) -> int:
+    from mpevent.tools.bench import main as bench_main
+
+    return _delegate(bench_main, args.args)
+
+
+def serve(args: argparse.Namespace) -> int:
+    from mpevent.api import daemon
+
+    overrides = {
+        "segment.name": args.name,
+        "segment.lanes": args.lanes,
+        "segment.lane_size": args.lane_size,
+        "segment.senders": args.senders,
+        "mi.udp": args.mi_udp,
+        "mi.unix": args.mi_unix,
+        "mi.http": args.mi_http,
+        "log.level": args.log_level,
+    }
+    return daemon.serve(args.config, overrides)

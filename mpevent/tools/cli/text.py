@@ -1,0 +1,229 @@
+"""The ``mpevent`` command's text, both ways, as pure functions.
+
+This module owns what the command reads and what it prints, with no sockets,
+no MI calls and no printing of its own: picking the MI address, parsing
+destinations and ``KEY=VALUE`` values, turning each MI result into table rows
+and a notification datagram into a line. It also owns the exit codes and
+:class:`UsageError`, which these parsers raise. The commands that do the I/O
+are :mod:`mpevent.tools.cli.commands`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from mpevent import defaults
+from mpevent.api.client import MIClient, MIHttpClient
+from mpevent.protocol.destination import Destination, DestinationError, parse_destination
+from mpevent.tools.figures import format_table
+from mpevent.tools.figures import is_number as _is_number
+
+EXIT_OK, EXIT_CALL_ERROR, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
+DEFAULT_MI_UDP = f"udp:{defaults.MI_UDP}"
+
+
+class UsageError(Exception):
+    """Bad input on the command line: exit code 2."""
+
+
+def pick_mi_address(
+    flag: str | None,
+    environ: Mapping[str, str],
+    default_socket: Path,
+    socket_exists: Callable[[Path], bool] = Path.is_socket,
+) -> tuple[str, str]:
+    """The MI address to use and where it came from ("--mi", "MPEVENT_MI", "default")."""
+    if flag:
+        return flag, "--mi"
+    if environ.get("MPEVENT_MI"):
+        return environ["MPEVENT_MI"], "MPEVENT_MI"
+    if socket_exists(default_socket):
+        return f"unix:{default_socket}", "default"
+    return DEFAULT_MI_UDP, "default"
+
+
+def make_client(address: str, timeout: float) -> MIClient | MIHttpClient:
+    """A client for ``udp:HOST:PORT``, ``unix:/path`` (or a bare path) or an http:// URL."""
+    scheme = address.partition("://")[0].lower() if "://" in address else ""
+    if scheme == "http":
+        try:
+            return MIHttpClient(address, timeout)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+    if scheme:
+        raise UsageError(f"MI address {address!r}: unsupported scheme {scheme!r}")
+    return MIClient(destination(address, "MI address"), timeout)
+
+
+def destination(text: str, what: str = "") -> Destination:
+    """Parse a destination string; a bad one is a usage error naming the problem."""
+    try:
+        return parse_destination(text)
+    except DestinationError as exc:
+        raise UsageError(f"{what}: {exc}" if what else str(exc)) from None
+
+
+def parse_scalar(text: str) -> Any:
+    """``KEY=VALUE`` values: an integer, ``null``, ``true`` or ``false`` when the
+    text is exactly that JSON; anything else (``007``, ``1.5``, ``" 5"``) stays a
+    string. Integers JSON cannot carry as one (beyond 64 bits) stay strings."""
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return text
+    if value is None or isinstance(value, bool | int):
+        try:
+            if orjson.dumps(value).decode() == text:
+                return value
+        except orjson.JSONEncodeError:  # an integer over 64 bits
+            pass
+    return text
+
+
+def parse_kv(items: Iterable[str]) -> dict[str, Any]:
+    """``["ip=1.2.3.4", "n=5"]`` to ``{"ip": "1.2.3.4", "n": 5}``, in order."""
+    params: dict[str, Any] = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise UsageError(f"expected KEY=VALUE, got {item!r}")
+        if not key:
+            raise UsageError(f"empty key in {item!r}")
+        if key in params:
+            raise UsageError(f"parameter {key!r} given twice")
+        params[key] = parse_scalar(value)
+    return params
+
+
+def parse_json_params(text: str) -> dict[str, Any] | list[Any]:
+    """``--json-params``: the text of a JSON object (named) or array (positional)."""
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        raise UsageError(f"--json-params is not valid JSON: {exc}") from None
+    if not isinstance(value, dict | list):
+        raise UsageError("--json-params must be a JSON object or array")
+    return value
+
+
+def human_bytes(size: int | float) -> str:
+    """``1536`` to ``1.5 KiB``."""
+    if size < 1024:
+        return f"{int(size)} B"
+    value = float(size)
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        value /= 1024
+        if value < 1024 or unit == "TiB":
+            break
+    return f"{value:.1f} {unit}"
+
+
+def event_rows(result: Mapping[str, Any]) -> list[tuple[Any, ...]]:
+    """``events_list`` result to (id, name) rows."""
+    return sorted((e.get("id"), e.get("name")) for e in result.get("Events", []))
+
+
+def subscriber_rows(result: Mapping[str, Any]) -> list[tuple[Any, ...]]:
+    """Any of ``subscribers_list``'s three shapes to (event, socket, expire, ttl) rows."""
+    events = result["Events"] if "Events" in result else [result.get("Event", {})]
+    rows = []
+    for event in events:
+        subs = event.get("Subscribers", [])
+        if "Subscriber" in event:
+            subs = [event["Subscriber"]]
+        for sub in subs:
+            rows.append((event.get("name"), sub.get("socket"), sub.get("expire"), sub.get("ttl")))
+    return rows
+
+
+def process_rows(result: Mapping[str, Any]) -> list[tuple[Any, ...]]:
+    """``ps`` result to (pid, type, cpu, rss) rows, CPU in seconds, RSS human-readable."""
+    rows = []
+    for proc in result.get("Processes", []):
+        cpu, rss = proc.get("CPU"), proc.get("RSS")
+        rows.append(
+            (
+                proc.get("PID"),
+                proc.get("Type"),
+                f"{cpu:.2f}s" if _is_number(cpu) else cpu,
+                human_bytes(rss) if _is_number(rss) else rss,
+            )
+        )
+    return rows
+
+
+def stat_rates(
+    before: Mapping[str, Any], after: Mapping[str, Any], seconds: float
+) -> dict[str, float]:
+    """Per-second change of every counter present, as a number, in both samples."""
+    if seconds <= 0:
+        return {}
+    return {
+        name: (value - before[name]) / seconds
+        for name, value in after.items()
+        if _is_number(value) and _is_number(before.get(name))
+    }
+
+
+def stats_table(values: Mapping[str, Any], rates: Mapping[str, float] | None = None) -> str:
+    if rates is None:
+        return format_table(("NAME", "VALUE"), values.items(), align="lr")
+    rows = [
+        (name, value, f"{rates[name]:.1f}" if name in rates else "-")
+        for name, value in values.items()
+    ]
+    return format_table(("NAME", "VALUE", "RATE/S"), rows, align="lrr")
+
+
+def _show(value: Any) -> str:
+    """A param value as ``listen`` prints it: plain strings bare, the rest as JSON,
+    so that ``KEY=VALUE`` read back by ``mpevent raise`` gives the same value."""
+    if (
+        isinstance(value, str)
+        and value
+        and not any(c.isspace() or c in '"\\=' or not c.isprintable() for c in value)
+        and isinstance(parse_scalar(value), str)
+    ):
+        return value
+    return orjson.dumps(value).decode()
+
+
+def format_timestamp(when: float) -> str:
+    millis = int(when * 1000) % 1000
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when)) + f".{millis:03d}"
+
+
+def format_notification(data: bytes, when: float) -> str:
+    """One received datagram as a line: timestamp, method, params."""
+    stamp = format_timestamp(when)
+    try:
+        message = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        message = None
+    if not isinstance(message, dict) or not isinstance(message.get("method"), str):
+        shown = data[:200]
+        more = "..." if len(data) > 200 else ""
+        return f"{stamp} (not a JSON-RPC notification, {len(data)} bytes) {shown!r}{more}"
+    parts = [stamp, message["method"]]
+    params = message.get("params")
+    if isinstance(params, dict):
+        parts += [f"{key}={_show(value)}" for key, value in params.items()]
+    elif isinstance(params, list):
+        parts += [_show(value) for value in params]
+    elif params is not None:
+        parts.append(_show(params))
+    return " ".join(parts)
+
+
+def listen_destination(text: str, cwd: str | None = None) -> Destination:
+    """``listen``'s SOCKET: ``udp:HOST:PORT``, ``unix:/path``, or a path (a
+    relative one is taken from the working directory: this process binds it)."""
+    if text and ":" not in text and not text.startswith(("/", "@")):
+        text = os.path.join(cwd or os.getcwd(), text)
+    return destination(text, "listen socket")
