@@ -22,6 +22,7 @@ import psutil
 import pytest
 
 from mpevent import EventBus
+from mpevent.shm.layout import S_PID
 from mpevent.system import free_port
 
 APP_WITH_THREADS = textwrap.dedent(
@@ -148,3 +149,14 @@ def test_hub_and_senders_stop_when_their_creator_is_killed() -> None:
             app.kill()
             app.wait()
         app.stdout.close()
+
+
+def test_eventbus_returns_once_every_sender_serves() -> None:
+    """A sender starts in a fresh interpreter after the hub (about 0.1 s): the
+    bus must not return before each one serves, or the first events would
+    wait for it."""
+    with EventBus(senders=3) as bus:
+        layout = bus.segment.layout
+        pids = {bus.segment.words[layout.sender_word(i) + S_PID] for i in range(3)}
+        children = {p.pid for p in psutil.Process(bus.hub_pid).children()}
+        assert pids == children and len(pids) == 3

@@ -35,7 +35,7 @@ from mpevent.protocol.destination import parse_destination
 from mpevent.protocol.policy import DestinationPolicy
 from mpevent.shm import counters as stats
 from mpevent.shm.doorbell import Doorbell
-from mpevent.shm.layout import H_STATE, STATE_RUNNING, Geometry
+from mpevent.shm.layout import H_STATE, S_PID, STATE_RUNNING, Geometry
 from mpevent.shm.segment import Segment
 from mpevent.system import bind_datagram
 
@@ -109,8 +109,13 @@ class EventBus:
         )
 
     def _wait_running(self, timeout: float = 30.0) -> None:
+        """Until the hub runs and every sender serves its lanes: a sender starts
+        in a fresh interpreter after the hub, and an event raised before it
+        serves would wait for it (tens of milliseconds)."""
         deadline = time.monotonic() + timeout
-        while self._seg.words[H_STATE] != STATE_RUNNING:
+        words, layout = self._seg.words, self._seg.layout
+        senders = [layout.sender_word(i) + S_PID for i in range(layout.geometry.senders)]
+        while words[H_STATE] != STATE_RUNNING or not all(words[w] for w in senders):
             exited = self._hub.poll() is not None
             if exited or time.monotonic() > deadline:
                 if not exited:

@@ -66,6 +66,7 @@ from mpevent.shm.layout import (
     S_AGE_HIST,
     S_AGE_MAX,
     S_LOOPS,
+    S_PID,
     S_SLEEPING,
     STATE_RUNNING,
 )
@@ -381,6 +382,7 @@ class Sender:
                 "sender %d: %d events were lost in flight by its predecessor", self.index, lost
             )
         self.reload(force=True)
+        words[me + S_PID] = os.getpid()  # serving from now on (EventBus waits for it)
         idle_since = 0
         while True:
             self.reload()

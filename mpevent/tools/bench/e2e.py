@@ -108,6 +108,10 @@ def run_pipeline(
             for n in split_evenly(total, producers):
                 workers.append(sp.start("producer", queue_producer, q, start, n, seq0))
                 seq0 += n
+        if bus is not None:
+            # The senders' CPU so far is their fresh interpreter's start-up
+            # (about 0.1 s each), not the run's: it is subtracted below.
+            senders_cpu_before = tree_cpu(c.pid for c in psutil.Process(bus.hub_pid).children())
         t0 = start.release()
         monitor.sample()
         sp.wait(workers, cfg.run_timeout)
@@ -133,7 +137,9 @@ def run_pipeline(
             result["send_rate"] = per_second(total, send_ns / 1e9)
         if bus is not None:
             result["bus_totals"] = bus.stats()["totals"]
-            senders_cpu = tree_cpu(c.pid for c in psutil.Process(bus.hub_pid).children())
+            senders_cpu = (
+                tree_cpu(c.pid for c in psutil.Process(bus.hub_pid).children()) - senders_cpu_before
+            )
     cpu = sp.cpu_by_role()
     if bus is not None:
         cpu["sender"] = senders_cpu
