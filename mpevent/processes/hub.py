@@ -96,7 +96,10 @@ class Hub:
         doorbells: list[Doorbell],
         mi_sockets: list[socket.socket],
         options: HubOptions,
+        started: dict[int, subprocess.Popen[bytes]] | None = None,
     ):
+        """``started``: senders already started, by index (they wait for the
+        hub to run); :meth:`run` starts the others."""
         self.seg = seg
         self.doorbells = doorbells
         self.mi_sockets = mi_sockets
@@ -104,7 +107,9 @@ class Hub:
         g = seg.layout.geometry
         self.registry = Registry(g.max_events, g.max_subs, options.max_subs_per_event)
         self.started = time.time()
-        self.senders: dict[int, tuple[int, subprocess.Popen[bytes]]] = {}  # pid -> index, process
+        self.senders: dict[int, tuple[int, subprocess.Popen[bytes]]] = {  # pid -> index, process
+            proc.pid: (index, proc) for index, proc in (started or {}).items()
+        }
         self._respawn: dict[int, float] = {}  # sender index -> when to start it again
         self._known_events = 0
         self._signals: list[int] = []
@@ -220,8 +225,10 @@ class Hub:
         self._apply_configured()
         self.seg.words[H_HUB_PID] = os.getpid()
         self.seg.words[H_STATE] = STATE_RUNNING
+        running = {index for index, _ in self.senders.values()}
         for index in range(self.seg.layout.geometry.senders):
-            self.spawn_sender(index)
+            if index not in running:
+                self.spawn_sender(index)
         poller = select.poll()
         poller.register(self._wake_r, select.POLLIN)
         by_fd = {s.fileno(): s for s in self.mi_sockets}

@@ -18,6 +18,7 @@ other.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -94,24 +95,32 @@ def start_sender(
 
 
 def _run_hub(spec: dict[str, Any]) -> int:
+    from mpevent.processes.sender.backlog import BacklogLimits
+    from mpevent.shm.segment import Segment
+
+    seg = Segment.adopt(spec["segment_fd"])
+    settings = spec["options"]
+    backlog = BacklogLimits(**settings.pop("backlog"))
+    # The senders first: each is a fresh interpreter too, and its start
+    # overlaps the hub's own imports below. They wait for the hub to run.
+    senders = {
+        index: start_sender(seg.fd, index, read_fd, backlog, os.getpid())
+        for index, (read_fd, _) in enumerate(spec["doorbells"])
+    }
+
     import socket
 
     from mpevent.processes.hub import Hub, HubOptions
-    from mpevent.processes.sender.backlog import BacklogLimits
     from mpevent.protocol.policy import DestinationPolicy
     from mpevent.shm.doorbell import Doorbell
-    from mpevent.shm.segment import Segment
 
-    settings = spec["options"]
     policy = DestinationPolicy.from_settings(
         settings.pop("allowed_networks"), settings.pop("unix_path_prefixes")
     )
-    backlog = BacklogLimits(**settings.pop("backlog"))
     options = HubOptions(**settings, backlog=backlog, policy=policy)
-    seg = Segment.adopt(spec["segment_fd"])
     doorbells = [Doorbell(r, w) for r, w in spec["doorbells"]]
     control = socket.socket(fileno=spec["control_fd"])
-    return Hub(seg, doorbells, [control], options).run()
+    return Hub(seg, doorbells, [control], options, senders).run()
 
 
 def _run_sender(spec: dict[str, Any]) -> int:

@@ -69,6 +69,7 @@ from mpevent.shm.layout import (
     S_PID,
     S_SLEEPING,
     STATE_RUNNING,
+    STATE_STARTING,
 )
 from mpevent.shm.ring import LaneReader
 from mpevent.shm.segment import Segment
@@ -376,6 +377,10 @@ class Sender:
     def run(self) -> int:
         words = self.words
         me = self.my_word
+        while words[H_STATE] == STATE_STARTING:  # started beside the hub: wait until it runs
+            if self.parent_pid is not None and os.getppid() != self.parent_pid:
+                return 0
+            time.sleep(0.001)
         lost = self.count_lost()
         if lost:
             log.warning(
