@@ -9,9 +9,12 @@ BENCH_STAMP := $(VENV)/.installed-bench
 # PYTEST_ARGS="-x tests/test_ring.py" narrows `make test` and `make suite`.
 PYTEST_ARGS ?=
 
-.PHONY: demo test suite chaos bench loadtest lint format clean
+.PHONY: demo test suite sanitize chaos bench loadtest lint format clean
 
-$(STAMP): pyproject.toml
+# The compiled fast path is built by the install: a change to its sources installs again.
+EXT_SOURCES := setup.py mpevent/processes/_fastpath.c
+
+$(STAMP): pyproject.toml $(EXT_SOURCES)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]'
@@ -28,6 +31,10 @@ demo: $(STAMP)
 # pyenv shim for a version that is not selected), is not CPython, is a
 # free-threaded build or cannot create a venv is passed over. Every suite
 # runs even when one fails; the exit status says whether all passed.
+# Passes: the compiled fast path on every interpreter, the pure-Python path
+# (MPEVENT_NO_EXTENSIONS=1) on the default one only, to keep the run near 10
+# minutes here; OTHER_PASSES="compiled pure" runs both everywhere (~15).
+OTHER_PASSES ?= compiled
 SUPPORTED = $(shell sed -n 's/^ *"Programming Language :: Python :: \(3\.[0-9][0-9]*\)",*$$/\1/p' pyproject.toml)
 PROBE = import sys, sysconfig, venv, ensurepip; \
   sys.exit(sys.implementation.name != "cpython" or sysconfig.get_config_var("Py_GIL_DISABLED") \
@@ -48,18 +55,56 @@ endef
 test: lint $(STAMP)
 	@status=0; failed=; \
 	for vp in default $$($(OTHER_PYTHONS)); do \
-	  if [ "$$vp" = default ]; then args=; label="$$($(BIN)/python -V) in $(VENV)"; \
-	  else args="VENV=.venv-$${vp%%=*} PYTHON=$${vp#*=}"; label="$${vp#*=} in .venv-$${vp%%=*}"; fi; \
+	  if [ "$$vp" = default ]; then args=; passes='$(PASSES)'; label="$$($(BIN)/python -V) in $(VENV)"; \
+	  else args="VENV=.venv-$${vp%%=*} PYTHON=$${vp#*=}"; passes='$(OTHER_PASSES)'; \
+	    label="$${vp#*=} in .venv-$${vp%%=*}"; fi; \
 	  echo "== make test: $$label"; \
-	  $(MAKE) --no-print-directory suite $$args PYTEST_ARGS='$(PYTEST_ARGS)' \
+	  $(MAKE) --no-print-directory suite $$args PASSES="$$passes" PYTEST_ARGS='$(PYTEST_ARGS)' \
 	    || { status=1; failed="$$failed $$label;"; }; \
 	done; \
 	if [ $$status -ne 0 ]; then echo "make test: the suite failed on$$failed" >&2; fi; \
 	exit $$status
 
-# The suite on one interpreter: .venv, or VENV=.venv-X.Y PYTHON=/path/to/pythonX.Y.
+# The suite on one interpreter: .venv, or VENV=.venv-X.Y PYTHON=/path/to/pythonX.Y,
+# once per pass: "compiled" (the fast path, when it was built: each pass says
+# which path runs) and "pure" (MPEVENT_NO_EXTENSIONS=1); PASSES="pure" for one.
+PASSES ?= compiled pure
 suite: $(STAMP)
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	@status=0; for pass in $(PASSES); do \
+	  case $$pass in compiled) off=;; pure) off=1;; \
+	    *) echo "make suite: unknown pass $$pass (compiled, pure)" >&2; exit 2;; esac; \
+	  path=$$(MPEVENT_NO_EXTENSIONS=$$off $(BIN)/python -c \
+	    'from mpevent.processes import fastpath; print(fastpath.describe())'); \
+	  echo "== $$pass pass ($$path)"; \
+	  MPEVENT_NO_EXTENSIONS=$$off $(BIN)/python -m pytest -q $(PYTEST_ARGS) || status=1; \
+	done; exit $$status
+
+# `make sanitize`: the extension built with ASan and UBSan into build/sanitize
+# (a copy of the tree, installed there with --target, never into a venv),
+# then the ring, bus, fast-path and chaos tests against it, in processes
+# that preload the ASan runtime (CPython itself is not instrumented; its
+# allocations are, with PYTHONMALLOC=malloc; CPython's leaks at exit are not
+# reported, and the quarantine of freed memory is bounded so that the chaos
+# suite's flat-RSS check measures mpevent, not ASan). `python -P`: the checkout in the
+# working directory must not shadow the copy; --capture=sys: a report reaches the
+# terminal even when it aborts the run. The build is removed after.
+SANITIZE_DIR := build/sanitize
+SANITIZE_TESTS ?= tests/test_ring.py tests/test_bus_*.py tests/test_fastpath*.py tests/chaos
+SANITIZE_FLAGS := -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
+SANITIZE_ENV = PYTHONPATH=$(abspath $(SANITIZE_DIR))/site PYTHONMALLOC=malloc \
+  LD_PRELOAD=$$($${CC:-gcc} -print-file-name=libasan.so) \
+  ASAN_OPTIONS=detect_leaks=0:quarantine_size_mb=8 \
+  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+sanitize: $(STAMP)
+	rm -rf $(SANITIZE_DIR)
+	$(BIN)/python -c 'import shutil; shutil.copytree(".", "$(SANITIZE_DIR)/src", ignore=shutil.ignore_patterns(".git", ".venv*", "build", "*.egg-info", "__pycache__", ".*_cache", ".hypothesis", "*.so"))'
+	CFLAGS="$(SANITIZE_FLAGS) -g -O1" LDFLAGS="$(SANITIZE_FLAGS)" $(BIN)/python -m pip install \
+	  --quiet --no-deps --no-index --no-build-isolation --target $(SANITIZE_DIR)/site $(SANITIZE_DIR)/src
+	@status=0; $(SANITIZE_ENV) $(BIN)/python -P -c 'import mpevent.processes.fastpath as f; \
+	  assert f.COMPILED and "$(SANITIZE_DIR)/site/" in f.extension.__file__, f.REASON; \
+	  print("== sanitize:", f.extension.__file__)' \
+	  && $(SANITIZE_ENV) $(BIN)/python -P -m pytest -q --capture=sys -p no:cacheprovider $(SANITIZE_TESTS) || status=1; \
+	rm -rf $(SANITIZE_DIR); exit $$status
 
 # The chaos suite at length: many rounds of SIGKILL under load, with figures.
 chaos: $(STAMP)
@@ -95,3 +140,4 @@ format: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .venv-* build *.egg-info .pytest_cache .ruff_cache .hypothesis
+	find mpevent -name '*.so' -delete

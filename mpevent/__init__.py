@@ -23,6 +23,7 @@ _PUBLIC = {
     "NotServing": "mpevent.api.connect",
     "connect": "mpevent.api.connect",
     "UnknownEvent": "mpevent.processes.producer",
+    "COMPILED": "mpevent.processes.fastpath",
     "Destination": "mpevent.protocol.destination",
     "DestinationError": "mpevent.protocol.destination",
     "parse_destination": "mpevent.protocol.destination",

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 # -- the segment (see mpevent.shm.layout) ----------------------------------
 LANES = 32  # producer processes that can own a lane at once
+# Shared lanes for the processes beyond LANES: written under a record lock
+# (a syscall per raise), each costs LANE_SIZE bytes of shared memory.
+OVERFLOW_LANES = 4
 LANE_SIZE = 1 << 20  # bytes per lane, a power of two
 SENDERS = 1  # sender worker processes
 MAX_EVENTS = 256  # events that can be declared

@@ -19,6 +19,13 @@ from support import Daemon, Kids, UdpSink, UnixSink
 SHM = Path("/dev/shm")
 
 
+def pytest_report_header() -> str:
+    """Which producer path this run tests (``MPEVENT_NO_EXTENSIONS=1``: the pure one)."""
+    from mpevent.processes import fastpath
+
+    return f"mpevent producer path: {fastpath.describe()}"
+
+
 def _children() -> set[int]:
     return {p.pid for p in psutil.Process().children(recursive=True)}
 

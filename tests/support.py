@@ -448,7 +448,7 @@ def ring_empty(bus: EventBus) -> bool:
     words, layout = seg.words, seg.layout
     return all(
         words[layout.lane_word(lane) + L_TAIL] == words[layout.lane_word(lane) + L_HEAD]
-        for lane in range(layout.geometry.lanes)
+        for lane in range(layout.geometry.ring_lanes)  # shared lanes too
     )
 
 

@@ -12,11 +12,15 @@ import os
 import sys
 from pathlib import Path
 
+import orjson
 import pytest
 
+from mpevent.protocol.payload import encode_notification
 from mpevent.tools import bench
-from mpevent.tools.bench import report, runner
+from mpevent.tools.bench import bodies, cost, extras, report
+from mpevent.tools.bench.config import DATAGRAM, EVENT, EVENT_BYTES, PARAMS, THREAD_SENDERS
 from mpevent.tools.bench.e2e import split_evenly
+from mpevent.tools.bench.plumbing import udp_socket
 from mpevent.tools.bench.report import PROFILE_ROLES
 
 # -- pure helpers --------------------------------------------------------------
@@ -95,42 +99,129 @@ def test_cpu_profile_table_sums_roles_and_keeps_the_chosen_producer_count():
     assert len(rows) == 2  # the 4-producer row is left out
 
 
-def test_targets_from_figures():
-    cost = {
-        "cases": {
-            "raise_0": {"median": 100.0},
-            "raise_1": {"median": 1000.0},
-            "raise_64": {"median": 1050.0},
-            "inline": {"median": 4000.0},
-        }
-    }
+def _cost_cases(**medians):
+    return {"cases": {case: {"median": m} for case, m in medians.items()}}
 
-    def row(pipeline, p, s, rate, lost=0, **extra):
-        base = {"pipeline": pipeline, "producers": p, "senders": s, "rate": rate, "lost": lost}
-        return base | extra
 
-    e2e = {
-        "summary": [
-            row("mpevent", 2, 1, 300_000.0),
-            row("mpevent", 4, 1, 320_000.0),
-            row("mp_queue", 2, 1, 100_000.0),
-            row("faster_fifo", 2, 1, 200_000.0),
-            row("bare", 1, 1, 400_000.0, send_rate=400_000.0),
-        ]
-    }
-    lat = {"loads": [{"load": 0.5, "p99_ns": 800_000.0, "delivered": 10, "raised": 10}]}
-    got = report.targets(_results(producer_cost=cost, end_to_end=e2e, latency=lat))
-    verdicts = [t["verdict"] for t in got]
-    # 1 sub 0.25 PASS; none 0.025 PASS; 64 1.05 PASS; x3 Queue PASS; x1.5 ff MISS;
-    # best one-sender 320k / 400k = 0.8 PASS; p99 0.8 ms PASS.
-    assert verdicts == ["PASS", "PASS", "PASS", "PASS", "MISS", "PASS", "PASS"]
-    assert got[5]["ratio"] == pytest.approx(0.8)
+def _e2e_row(pipeline, p, s, rate, lost=0, **extra):
+    base = {"pipeline": pipeline, "producers": p, "senders": s, "rate": rate, "lost": lost}
+    return base | extra
+
+
+TARGET_COST = _cost_cases(
+    raise_0=50.0, raise_1=300.0, raise_64=310.0, raise_0_pure=150.0, raise_1_pure=1500.0,
+    raise_64_pure=1800.0, inline=4000.0, pyzmq=2000.0, dumps=100.0,
+)  # fmt: skip
+TARGET_E2E = {
+    "summary": [
+        _e2e_row("mpevent", 2, 1, 420_000.0),
+        _e2e_row("mpevent_pure", 2, 1, 210_000.0),
+        _e2e_row("mp_queue", 2, 1, 100_000.0),
+        _e2e_row("faster_fifo", 2, 1, 150_000.0),
+        _e2e_row("pyzmq", 2, 1, 200_000.0),
+        _e2e_row("bare", 1, 1, 300_000.0, send_rate=300_000.0),
+    ]
+}
+TARGET_LATENCY = {"loads": [{"load": 0.5, "p99_ns": 800_000.0, "delivered": 10, "raised": 10}]}
+
+
+def test_targets_are_the_compiled_paths_with_the_pure_paths_beside():
+    meta = {"compiled": True, "pure_beside": True}
+    got = report.targets(
+        _results(
+            meta=meta, producer_cost=TARGET_COST, end_to_end=TARGET_E2E, latency=TARGET_LATENCY
+        )
+    )
+    # 2.8 x faster_fifo misses 3 x; everything else passes, latency too.
+    assert [t["verdict"] for t in got] == ["PASS"] * 5 + ["MISS"] + ["PASS"] * 4
+    ratios = [t["ratio"] for t in got]
+    assert ratios[:5] == pytest.approx([0.075, 0.15, 3.0, 0.0125, 310 / 300])
+    assert ratios[5:9] == pytest.approx([2.8, 4.2, 2.1, 1.4])
+    pure = [t["pure"] for t in got]
+    assert pure[:5] == pytest.approx([0.375, 0.75, 15.0, 0.0375, 1.2])
+    assert pure[5:9] == pytest.approx([1.4, 2.1, 1.05, 0.7])
+    assert got[-1]["pure"] is None  # latency: the default path only
     # Losing events turns the end-to-end targets into misses whatever the rate.
-    e2e["summary"][0]["lost"] = 1
-    got = report.targets(_results(producer_cost=cost, end_to_end=e2e, latency=lat))
-    assert got[3]["verdict"] == "MISS"
+    lossy = {"summary": [_e2e_row("mpevent", 2, 1, 900_000.0, lost=1), *TARGET_E2E["summary"][1:]]}
+    got = report.targets(_results(meta=meta, producer_cost=TARGET_COST, end_to_end=lossy))
+    assert {t["verdict"] for t in got[5:9]} == {"MISS"}
     # Sections that did not run: n/a, not a failure.
-    assert {t["verdict"] for t in report.targets(_results())} == {"n/a"}
+    assert {t["verdict"] for t in report.targets(_results(meta=meta))} == {"n/a"}
+    # A pipeline that did not run says so.
+    no_zmq = {"summary": [r for r in TARGET_E2E["summary"] if r["pipeline"] != "pyzmq"]}
+    got = report.targets(_results(meta=meta, end_to_end=no_zmq))
+    assert (got[7]["verdict"], got[7]["note"]) == ("n/a", "pyzmq not run")
+
+
+def test_targets_without_a_compiled_path_show_the_pure_figures_and_no_verdict():
+    cost = _cost_cases(raise_0=150.0, raise_1=1500.0, raise_64=1800.0, inline=4000.0, dumps=100.0)
+    e2e = {"summary": [_e2e_row("mpevent", 2, 1, 210_000.0), *TARGET_E2E["summary"][2:]]}
+    for meta in ({"compiled": False}, {"compiled": None}, {}):
+        got = report.targets(_results(meta=meta, producer_cost=cost, end_to_end=e2e))
+        assert {t["verdict"] for t in got} == {"n/a"}
+        assert got[0]["note"] == "compiled path not active"
+        assert got[0]["figure"] == "pure: 1,500 ns vs 4,000 ns"
+        assert [t["pure"] for t in got[:9]] == pytest.approx(
+            [0.375, None, 15.0, 0.0375, 1.2, 1.4, 2.1, 1.05, 0.7]
+        )
+
+
+def test_cost_labels_name_the_path():
+    assert cost.cost_label("raise_1") == "raise_event, 1 subscriber"
+    assert cost.cost_label("raise_64", compiled=True) == "raise_event, 64 subscribers, compiled"
+    assert cost.cost_label("raise_0_pure", compiled=True) == "raise_event, 0 subscribers, pure path"
+    assert cost.cost_label("raise_shared_pure").startswith("raise_event, every lane owned")
+    assert cost.cost_label("dumps") == "orjson.dumps(params) alone (the floor)"
+
+
+def test_detect_says_what_a_run_lacks(monkeypatch):
+    monkeypatch.setattr(extras, "optional_module", lambda name: None)
+    for flag, says in ((None, "no compiled fast path"), (False, "mpevent.COMPILED is False")):
+        monkeypatch.setattr(extras, "compiled_flag", lambda flag=flag: flag)
+        found, notes = extras.detect()
+        assert (found.ff, found.zmq, found.compiled, found.pure_beside) == (None, None, flag, False)
+        assert found.paths == {"": None} and found.mpevent_kinds == ["mpevent"]
+        assert [n.split(" ")[0] for n in notes[:2]] == ["faster_fifo", "pyzmq"]
+        assert says in notes[2]
+    _, notes = extras.detect(use_faster_fifo=False)
+    assert notes[0] == "faster_fifo skipped (--no-faster-fifo)"
+    monkeypatch.setattr(extras, "compiled_flag", lambda: True)
+    found, notes = extras.detect()
+    if found.pure_beside:  # this Producer chooses its path
+        assert found.paths == {"": None, "_pure": False}
+        assert found.mpevent_kinds == ["mpevent", "mpevent_pure"]
+    else:
+        assert "compiled= argument" in notes[-1]
+
+
+# -- the anchors' bodies, on real sockets ----------------------------------------
+
+
+def test_pyzmq_pipeline_sends_the_notification_mpevent_sends():
+    prefixes: dict[bytes, bytes] = {}
+    message = EVENT_BYTES + b" " + orjson.dumps(PARAMS)
+    assert bodies.zmq_datagram(message, prefixes) == DATAGRAM == encode_notification(EVENT, PARAMS)
+    other = {"a": [1, "x y"], "b": None}
+    message = b"E_OTHER " + orjson.dumps(other)
+    assert bodies.zmq_datagram(message, prefixes) == encode_notification("E_OTHER", other)
+    assert set(prefixes) == {EVENT_BYTES, b"E_OTHER"}  # one prefix per event, built once
+
+
+def test_sender_thread_encodes_and_sends_what_the_caller_put():
+    sink = udp_socket(1 << 20)
+    sink.settimeout(10)
+    try:
+        sender = bodies.SenderThread(sink.getsockname())
+        for seq in range(3):
+            sender.put((EVENT, {**PARAMS, "seq": seq}))
+        sender.flush()  # returns once all three were sent
+        sink.setblocking(False)
+        got = [sink.recv(65536) for _ in range(3)]
+        assert got == [encode_notification(EVENT, {**PARAMS, "seq": s}) for s in range(3)]
+        sender.close()
+        assert not sender._thread.is_alive()
+    finally:
+        sink.close()
 
 
 def test_parser_defaults():
@@ -163,28 +254,52 @@ def test_smoke_run_has_every_section(tmp_path: Path, capsys):
     assert {"meta", "notes", "producer_cost", "end_to_end", "fanout", "latency", "memory",
             "targets"} <= set(data)  # fmt: skip
 
+    meta = data["meta"]
+    assert f"mpevent.COMPILED {report.fmt_compiled(meta['compiled'])};" in printed
+    paths = ["", "_pure"] if meta["pure_beside"] else [""]
+    assert meta["pure_beside"] == bool(meta["compiled"])  # the pure path runs beside a compiled one
     cases = data["producer_cost"]["cases"]
-    for case in ("raise_0", "raise_1", "raise_8", "raise_64", "inline", "mp_queue"):
+    mine = [f"raise_{n}{sfx}" for sfx in paths for n in (0, 1, 8, 64, "shared")]
+    others = ["inline", "dumps", "thread", "mp_queue"]
+    others += [name for name in ("pyzmq", "faster_fifo") if meta[name]]
+    assert set(cases) == {*mine, *others, "timer"}
+    for case in [*mine, *others]:
         assert cases[case]["n"] == 3 * 20
         assert 0 < cases[case]["median"] <= cases[case]["p99"]
     assert data["producer_cost"]["bus_totals"]["dropped"] == 0  # timed calls all enqueued
+    # Every lane owned: each raise (one untimed per path, then the timed ones) is
+    # counted once, and with shared lanes every one of them enqueued.
+    shared = data["producer_cost"]["shared_lanes"]
+    assert shared["enqueued"] + shared["dropped"] == len(paths) * (1 + 3 * 20)
+    assert shared["dropped"] == 0
 
     summary = data["end_to_end"]["summary"]
-    mpevent = [r for r in summary if r["pipeline"] == "mpevent"]
-    assert {(r["producers"], r["senders"]) for r in mpevent} == {
-        (p, s) for p in (1, 2, 4) for s in (1, 2)
+    shapes = {(r["pipeline"], r["producers"], r["senders"]) for r in summary}
+    queues = ["mp_queue", *(["faster_fifo"] if meta["faster_fifo"] else [])]
+    full = [f"mpevent{sfx}" for sfx in paths] + queues
+    assert shapes == {
+        *((k, p, s) for k in full for p in (1, 2, 4) for s in (1, 2)),
+        *(("pyzmq", p, 1) for p in (1, 2, 4) if meta["pyzmq"]),
+        *(("thread", p, THREAD_SENDERS) for p in (1, 2, 4)),
+        ("bare", 1, 1),
+        ("bare_connected", 1, 1),
     }
     for run in data["end_to_end"]["runs"]:
         assert run["rate"] > 0
-        if run["pipeline"] == "mpevent":
-            assert run["delivered"] == run["raised"] == 400
+        if run["pipeline"].startswith("mpevent"):
             totals = run["bus_totals"]
             assert totals["enqueued"] == totals["dispatched"] == 400
-    assert any(r["pipeline"] == "mp_queue" for r in summary)
+        if run["pipeline"] in (*full, "pyzmq", "thread"):
+            assert run["delivered"] == run["raised"] == 400, run
     assert any(r["pipeline"] == "bare" and r["send_rate"] > 0 for r in summary)
-    # The CPU profile: every role of every pipeline measured, real CPU time.
+    # The CPU profile: every role of every pipeline measured, real CPU time
+    # (the thread pipeline sends from its producers: no sender process).
     for r in summary:
-        roles = {"sender", "sink"} if r["pipeline"].startswith("bare") else set(PROFILE_ROLES)
+        roles = set(PROFILE_ROLES)
+        if r["pipeline"].startswith("bare"):
+            roles = {"sender", "sink"}
+        elif r["pipeline"] == "thread":
+            roles = {"producer", "sink"}
         assert set(r["cpu_us_per_event"]) == roles, r
         assert all(v > 0 for v in r["cpu_us_per_event"].values()), r
     assert "CPU per delivered event" in printed
@@ -211,26 +326,32 @@ def test_smoke_run_has_every_section(tmp_path: Path, capsys):
     assert {"producer", "hub", "sender", "sink"} <= roles
     assert all(r["peak_rss"] > 0 for r in mem["roles"])
 
-    assert len(data["targets"]) == 7
+    assert len(data["targets"]) == 10
     assert all(0 < ns < 10_000 for ns in data["meta"]["python_ns_per_step"])
     assert "machine speed" in printed
     assert {t["verdict"] for t in data["targets"]} <= {"PASS", "MISS", "n/a"}
-    if runner.optional_module("matplotlib") is not None:
+    if extras.optional_module("matplotlib") is not None:
         assert png.stat().st_size > 0
     else:
         assert any("matplotlib" in n for n in data["notes"])
 
 
 def test_missing_optional_packages_are_skipped_with_a_note(monkeypatch, tmp_path, capsys):
-    real = runner.optional_module
+    real = extras.optional_module
+    missing = {"faster_fifo", "zmq"}
     monkeypatch.setattr(
-        runner, "optional_module", lambda name: None if name == "faster_fifo" else real(name)
+        extras, "optional_module", lambda name: None if name in missing else real(name)
     )
+    monkeypatch.setattr(extras, "compiled_flag", lambda: None)  # a build without the choice
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails
     png = tmp_path / "none.png"
     assert bench.main(["--smoke", "--sections", "cost", "--plot", str(png)]) == 0
     printed = capsys.readouterr().out
     assert "faster_fifo not installed" in printed
+    assert "pyzmq not installed" in printed
+    assert "no compiled fast path" in printed and "mpevent.COMPILED n/a;" in printed
     assert "matplotlib not installed" in printed
     assert "faster_fifo.Queue.put" not in printed
+    assert "pyzmq PUSH send" not in printed
+    assert "subscriber, pure path" not in printed  # no pure rows beside the default
     assert not png.exists()

@@ -55,6 +55,7 @@ class EventBus:
         *,
         lanes: int = defaults.LANES,
         lane_size: int = defaults.LANE_SIZE,
+        overflow_lanes: int = defaults.OVERFLOW_LANES,
         max_events: int = defaults.MAX_EVENTS,
         max_subs: int = defaults.MAX_SUBS,
         backlog: int = defaults.BACKLOG,
@@ -68,6 +69,7 @@ class EventBus:
         geometry = Geometry(
             lanes=lanes,
             lane_size=lane_size,
+            overflow_lanes=overflow_lanes,
             senders=senders,
             max_events=max_events,
             max_subs=max_subs,

@@ -116,6 +116,7 @@ class Hub:
         self._statistics = mi_views.StatisticsView()
         self._producer: Producer | None = None
         self.reclaimer = LaneReclaimer(seg)
+        self._warned_sharing = False  # the one warning that processes share lanes
         self._stopping = False
         self._configured: set[tuple[str, Destination]] = set()
         # Requests from transports running in other threads (HTTP): handled
@@ -258,12 +259,25 @@ class Hub:
             now = time.monotonic()
             if now >= next_housekeeping:  # not on every MI request: syscalls per lane
                 next_housekeeping = now + HOUSEKEEPING_INTERVAL
-                self.reclaimer.scan()
+                self.reclaimer.scan()  # dead producers' lanes; shared lanes' counts
+                if not self._warned_sharing and stats.shared_lane_writers(self.seg):
+                    self._warn_sharing()
                 parent = self.options.parent_pid
                 if parent is not None and os.getppid() != parent:
                     log.warning("the process that created the bus is gone; stopping")
                     self._stopping = True
         return self._stop()
+
+    def _warn_sharing(self) -> None:
+        self._warned_sharing = True
+        g = self.seg.layout.geometry
+        log.warning(
+            "every one of the %d lanes is owned by a live producer: more producer processes "
+            "now share %d overflow lanes, with a lock per raise; set lanes (EventBus(lanes=...), "
+            "[segment] lanes, --lanes) to at least the number of producer processes",
+            g.lanes,
+            g.overflow_lanes,
+        )
 
     def _handle_signals(self) -> None:
         while self._signals:

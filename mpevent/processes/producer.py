@@ -15,11 +15,31 @@ syscall, nothing that depends on the number of subscribers.
 Threads of one process share the lane behind a ``threading.Lock``; the lock
 is re-created in a forked child, so a fork while another thread holds it
 cannot leave the child deadlocked.
+
+When every lane is owned (more producer processes than ``lanes``), a process
+writes to a shared lane instead, always the one its pid picks, so its events
+stay in order (:meth:`Producer._raise_shared`): per raise it takes that
+lane's record lock, pushes from the tail the last writer published, counts,
+and releases: a syscall per raise, the degraded mode. It looks for a lane
+of its own every second, and moves to one only of the same sender and only
+once that sender has taken all it wrote to the shared lane, so the sender
+sends those first.
+
+The compiled fast path (:mod:`mpevent.processes.fastpath` says whether it
+runs) is ``_CompiledProducer``: the C base ``_fastpath.FastPath`` keeps the
+attributes ``raise_event`` reads per call (``_fast``, ``_words``, ``_lane``,
+``_sleep_word``, ``_doorbell``) in C slots, so this module's code sets them
+the same way on both paths, and its ``raise_event`` runs the common path in
+C. Everything else (first raise, shared lane, hub gone, bad input,
+oversize) it hands, before any side effect, to :meth:`Producer.raise_event`
+below, the reference; there, ``self._lane`` is a ``_fastpath.Lane``
+(``_lane_writer``), so every push into this process's lane is one C call and
+a thread switch never falls inside one.
 """
 
 from __future__ import annotations
 
-import fcntl
+import contextlib
 import os
 import sys
 import threading
@@ -30,6 +50,7 @@ from typing import Any
 
 import orjson
 
+from mpevent.processes import fastpath
 from mpevent.protocol.payload import (
     MAX_DATAGRAM,
     DatagramTooLarge,
@@ -42,6 +63,9 @@ from mpevent.shm.doorbell import Doorbell
 from mpevent.shm.layout import (
     H_HUB_PID,
     HUB_GONE,
+    L_CLAIMS,
+    L_HEAD,
+    L_TAIL,
     P_DROPPED,
     P_ENQUEUED,
     P_NO_SUBSCRIBER,
@@ -74,13 +98,29 @@ class UnknownEvent(ValueError):
 
 
 class Producer:
-    """Raises events into a segment from any process that maps it."""
+    """Raises events into a segment from any process that maps it.
+
+    ``compiled``: the compiled fast path (True), the pure-Python one (False),
+    or the process's default (None: :data:`mpevent.processes.fastpath.COMPILED`).
+    """
+
+    #: What pushes into this process's own lane (_CompiledProducer: the C one).
+    _lane_writer: Callable[..., LaneWriter] = LaneWriter
+
+    def __new__(cls, *args: Any, compiled: bool | None = None, **kwargs: Any) -> Producer:
+        if cls is Producer and (fastpath.COMPILED if compiled is None else compiled):
+            if _CompiledProducer is None:
+                raise RuntimeError(f"the compiled fast path is not available: {fastpath.REASON}")
+            return _CompiledProducer.__new__(_CompiledProducer)
+        return super().__new__(cls)
 
     def __init__(
         self,
         seg: Segment,
         doorbells: list[Doorbell],
         on_hub_down: Callable[[], None] | None = None,
+        *,
+        compiled: bool | None = None,  # taken by __new__
     ):
         #: Called (from the slow paths only) when the hub looks gone; the
         #: daemon client uses it to reattach. Embedded buses have no hook.
@@ -117,6 +157,8 @@ class Producer:
         self._sleep_word = 0
         self._doorbell: Doorbell | None = None
         self._retry_claim_ns = 0
+        self._shared: _SharedLane | None = None  # while no lane is this process's own
+        self._moving_to = -1  # a lane claimed while shared, used once it may be (_raise_shared)
 
     # -- events -----------------------------------------------------------
 
@@ -235,12 +277,15 @@ class Producer:
             event_id = self._lookup(event)  # raises for a bad or unknown name
         if self._lane is None:
             self._claim()
+            if self._lane is None:  # every lane is owned: no fast entry while shared
+                return self._raise_shared(event, event_id, params)
         # Under the lock, as _claim clears the entries: one made from a
         # counter block a concurrent claim just replaced must not survive.
         with self._lock:
             counters = self._counters_at + event_id * 8
-            # Without a GIL, or counting in the spare block that lane-less
-            # processes share, the count takes the lock (word 0 is never one).
+            # Without a GIL (or a lane: a concurrent bind forgot it) the
+            # count takes the lock (word 0 is never one). The compiled path
+            # reads 0 as "not for me": it pushes and counts only without a lock.
             unlocked = _GIL and self._lane is not None
             self._fast[event] = (
                 event_id,
@@ -295,70 +340,187 @@ class Producer:
     # -- lanes ------------------------------------------------------------
 
     def _claim(self) -> None:
+        """Claim a lane of this process's own. When every lane is owned, write
+        to a shared lane meanwhile and look again after _NO_LANE_RETRY_NS,
+        however often this process raises (a look costs a syscall per lane)."""
         with self._lock:
-            if self._lane is not None:
+            if self._lane is not None or self._moving_to >= 0:
                 return
-            layout = self._layout
-            now = time.monotonic_ns()
+            now = _clock()
             if now < self._retry_claim_ns:
                 return  # every lane was owned a moment ago: look again later
-            lane = self._seg.claim_lane(os.getpid())
+            self._retry_claim_ns = now + _NO_LANE_RETRY_NS
+            shared = self._shared
+            # Leaving a shared lane, only for a lane of the same sender: it
+            # sends what this process wrote there before anything from the
+            # new lane (another sender could overtake it).
+            sender = None if shared is None else shared.sender
+            lane = self._seg.claim_lane(os.getpid(), sender)
             if lane is None:
-                # Every lane is owned: count in the spare block (see
-                # _SpareLock) and look for a free lane again after the
-                # interval, however often this process raises meanwhile.
-                self._retry_claim_ns = now + _NO_LANE_RETRY_NS
-                if not isinstance(self._lock, _SpareLock):
-                    self._counters_at = layout.prod_counter_word(layout.geometry.lanes, 0)
-                    self._lock = _SpareLock(self._seg.fd, layout.geometry.lanes)
-                return
-            g = layout.geometry
-            self._lane = LaneWriter(
-                self._seg.buf,
-                self._words,
-                layout.lane_word(lane),
-                layout.lane_data(lane),
-                g.lane_size,
-            )
-            self._lane_index = lane
-            self._fast.clear()  # their counters were the spare block's
-            if isinstance(self._lock, _SpareLock):
-                self._lock = threading.Lock()
-            self._counters_at = layout.prod_counter_word(lane, 0)
-            sender = layout.lane_sender(lane)
-            self._sleep_word = layout.sender_word(sender) + S_SLEEPING
-            self._doorbell = self._doorbells[sender]
+                if shared is None:
+                    self._join_shared()
+            elif shared is None:
+                self._use_lane(lane)
+            else:
+                self._moving_to = lane  # used once the sender took our records (_raise_shared)
+
+    def _use_lane(self, lane: int) -> None:
+        """Raise into ``lane``, this process's own, from now on (under ``_lock``)."""
+        layout = self._layout
+        self._lane = self._lane_writer(
+            self._seg.buf,
+            self._words,
+            layout.lane_word(lane),
+            layout.lane_data(lane),
+            layout.geometry.lane_size,
+        )
+        self._lane_index = lane
+        self._shared = None
+        self._moving_to = -1
+        self._fast.clear()
+        self._counters_at = layout.prod_counter_word(lane, 0)
+        sender = layout.lane_sender(lane)
+        self._sleep_word = layout.sender_word(sender) + S_SLEEPING
+        self._doorbell = self._doorbells[sender]
+
+    def _join_shared(self) -> None:
+        """Every lane is owned: write to this process's shared lane (under ``_lock``)."""
+        layout = self._layout
+        shared = _SharedLane(self._seg, layout.shared_lane_for(os.getpid()), self._doorbells)
+        with shared.lock:
+            # One more writer: the lane's sender drains it from now on, and
+            # the hub warns that `lanes` is too small.
+            self._words[layout.lane_word(shared.lane) + L_CLAIMS] += 1
+        self._shared = shared
+        self._lane_index = shared.lane
+        self._counters_at = layout.prod_counter_word(shared.lane, 0)
+
+    def _raise_shared(self, event: str, event_id: int, params: Any) -> bool:
+        """``raise_event`` while this process has no lane of its own.
+
+        The fast path's steps, through the helpers it inlines, with the
+        record pushed into the shared lane and every count made under the
+        lane's lock, since other processes write there too: two syscalls
+        per raise. A holder killed mid-push has its lock dropped by the
+        kernel; one killed between publishing and counting leaves a count
+        the hub repairs (:mod:`mpevent.processes.reclaim`).
+        """
+        words = self._words
+        subscribers = words[self._sub_count_at + event_id]
+        if not subscribers:
+            self._count_shared(event_id, P_NO_SUBSCRIBER)
+            return False
+        if subscribers >= HUB_GONE:
+            return self._hub_down()
+        try:
+            body = encode_params(params)
+        except (TypeError, ValueError):
+            self._count_shared(event_id, P_REJECTED)
+            raise
+        if len(body) > self._max_params[event_id]:
+            self._count_shared(event_id, P_REJECTED, P_OVERSIZE)
+            self._refuse_oversize(event, event_id, len(body))
+        raised_ns = _clock()
+        pushed = None  # None: this process has a lane of its own now
+        with self._lock:
+            shared = self._shared
+            if shared is not None:
+                with shared.lock:
+                    if self._moving_to >= 0 and words[shared.head_word] >= shared.published:
+                        # The sender took all we wrote to the shared lane
+                        # (and sends it before it looks at the new lane).
+                        self._use_lane(self._moving_to)
+                    else:
+                        pushed = shared.push(event_id, body, raised_ns)
+                        counters = self._counters_at + event_id * 8
+                        words[counters + (P_ENQUEUED if pushed else P_DROPPED)] += 1
+        if pushed is None:
+            return self._raise_first(event, params)  # encodes again, once per move
+        if not pushed:
+            if self.on_hub_down is not None:
+                self._check_hub()  # a full lane may mean nobody drains it any more
+            return False
+        if words[shared.sleep_word]:
+            words[shared.sleep_word] = 0
+            shared.doorbell.ring()
+        return True
+
+    def _count_shared(self, event_id: int, *counts: int) -> None:
+        """Count in this process's counter block: under the shared lane's lock
+        while it writes to one (another thread may have just moved it)."""
+        with self._lock:
+            shared = self._shared
+            at = self._counters_at + event_id * 8
+            with contextlib.nullcontext() if shared is None else shared.lock:
+                for index in counts:
+                    self._words[at + index] += 1
 
     @property
     def lane(self) -> int:
-        """The lane this process writes to (-1 before its first raise)."""
+        """The lane this process writes to (-1 before its first raise); while
+        it has none of its own, the shared lane's (``geometry.lanes`` or more)."""
         return self._lane_index
 
+    @property
+    def shared(self) -> bool:
+        """True while this process writes to a shared lane (every lane was owned)."""
+        return self._shared is not None
 
-class _SpareLock:
-    """Guards the spare counter block, which lane-less processes share.
 
-    Only used when every lane is owned, a degraded mode: a record lock per
-    raise (a syscall) is acceptable there, and the kernel drops it if the
-    holder dies. After the retry interval the producer tries to claim a lane
-    again.
-    """
+class _SharedLane:
+    """A shared lane as one of its writers sees it (:meth:`Producer._raise_shared`)."""
 
-    def __init__(self, fd: int, byte: int):
-        self._fd = fd
-        self._byte = byte
-        self._local = threading.Lock()
+    __slots__ = (
+        "_words",
+        "doorbell",
+        "head_word",
+        "lane",
+        "lock",
+        "published",
+        "sender",
+        "sleep_word",
+        "tail_word",
+        "writer",
+    )
 
-    def acquire(self) -> None:
-        self._local.acquire()
-        fcntl.lockf(self._fd, fcntl.LOCK_EX, 1, self._byte)
+    def __init__(self, seg: Segment, lane: int, doorbells: list[Doorbell]):
+        layout = seg.layout
+        ctl = layout.lane_word(lane)
+        self.lane = lane
+        self.lock = seg.shared_lane_lock(lane)
+        self.writer = LaneWriter(
+            seg.buf, seg.words, ctl, layout.lane_data(lane), layout.geometry.lane_size
+        )
+        self._words = seg.words
+        self.tail_word = ctl + L_TAIL
+        self.head_word = ctl + L_HEAD
+        self.published = 0  # where this process's last record in the lane ends
+        self.sender = layout.lane_sender(lane)
+        self.sleep_word = layout.sender_word(self.sender) + S_SLEEPING
+        self.doorbell = doorbells[self.sender]
 
-    def release(self) -> None:
-        fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, self._byte)
-        self._local.release()
+    def push(self, event_id: int, body: bytes, raised_ns: int) -> bool:
+        """``LaneWriter.push`` after the lane's last writer, under ``lock``."""
+        writer = self.writer
+        writer.tail = self._words[self.tail_word]  # others wrote since: never a cached copy
+        if not writer.push(event_id, body, raised_ns):
+            return False
+        self.published = writer.tail
+        return True
 
-    def __enter__(self) -> None:
-        self.acquire()
 
-    def __exit__(self, *exc: object) -> None:
-        self.release()
+_CompiledProducer: type[Producer] | None = None
+if fastpath.extension is not None:
+
+    class _CompiledProducer(fastpath.extension.FastPath, Producer):  # type: ignore[no-redef]
+        """A Producer whose ``raise_event`` is the C fast path (``_fastpath.FastPath``).
+
+        Its only other difference: ``_lane_writer``, so its own lane is a
+        ``_fastpath.Lane``, the one object that pushes into it from C and from
+        Python. Nothing in C refers back to the producer, so the mapping
+        export its lane holds goes away with it, as the pure path's views do.
+        """
+
+        _lane_writer = fastpath.extension.Lane
+
+    fastpath.extension.configure(Producer.raise_event, Doorbell)

@@ -1,4 +1,5 @@
-"""Reclaiming the lanes of producers that died, with their counters made exact.
+"""Making lanes' counts exact after producers die: dead producers' lanes are
+reclaimed, shared lanes repaired.
 
 A producer killed at any instruction leaves its lane consistent (see
 :mod:`mpevent.shm.ring`), but it may have died between publishing a record and
@@ -14,6 +15,16 @@ runs :meth:`LaneReclaimer.scan` in its loop, which for each such lane:
    to ``enqueued``, and counts it in the header's ``repaired`` word;
 4. marks the lane free and releases it.
 
+A shared lane (:mod:`mpevent.shm.layout`) is never handed over: its writers
+take its lock for each push and count. One killed between publishing and
+counting leaves the same one-record gap, so :meth:`LaneReclaimer.scan` also
+repairs shared lanes the same way, while it holds the shared lane's lock
+itself (so no live writer is between its publish and its count) and only
+once the sender has drained the lane. It looks without the lock first (is
+anything taken that was not counted?) and only tries the lock, never waits
+for it: the hub must not make producers wait, and a busy lane is repaired
+on a later pass, once it is drained.
+
 Whether the owner is alive is the kernel's lock, not a pid: a reused pid
 cannot fool it.
 """
@@ -27,6 +38,7 @@ from mpevent.shm.layout import (
     C_TAKEN,
     H_EVENT_COUNT,
     H_REPAIRED,
+    L_CLAIMS,
     L_HEAD,
     L_OWNER_PID,
     L_TAIL,
@@ -40,7 +52,7 @@ log = logging.getLogger("mpevent.reclaim")
 @dataclass
 class Reclaimed:
     lane: int
-    owner_pid: int
+    owner_pid: int  # 0 for a shared lane: it has no owner
     repaired: int  # records delivered that the dead producer had not counted
 
 
@@ -49,7 +61,8 @@ class LaneReclaimer:
         self.seg = seg
 
     def scan(self) -> list[Reclaimed]:
-        """One pass: hold newly dead lanes, free those whose sender drained them."""
+        """One pass: hold newly dead lanes, free those whose sender drained
+        them, repair drained shared lanes whose counts fell short."""
         seg = self.seg
         words, layout = seg.words, seg.layout
         done = []
@@ -67,16 +80,46 @@ class LaneReclaimer:
             log.info(
                 "lane %d of producer %d, now gone, reclaimed (%d uncounted)", lane, owner, repaired
             )
+        for lane in layout.shared_lanes():
+            repaired = self._repair_shared(lane)
+            if repaired:
+                words[H_REPAIRED] += repaired
+                done.append(Reclaimed(lane, 0, repaired))
+                log.info("shared lane %d: %d records of killed writers counted", lane, repaired)
         return done
 
-    def _reconcile(self, lane: int) -> int:
+    def _repair_shared(self, lane: int) -> int:
         words, layout = self.seg.words, self.seg.layout
-        repaired = 0
+        w = layout.lane_word(lane)
+        if not words[w + L_CLAIMS] or not self._missing(lane):
+            return 0  # nobody wrote to it, or nothing is missing (the common case: no syscall)
+        lock = self.seg.shared_lane_lock(lane)
+        if not lock.try_acquire():
+            return 0  # a writer holds it: next pass
+        try:
+            if words[w + L_HEAD] != words[w + L_TAIL]:
+                return 0  # not drained yet: next pass
+            return self._reconcile(lane)
+        finally:
+            lock.release()
+
+    def _missing(self, lane: int) -> list[tuple[int, int]]:
+        """Per event the sender took more of from ``lane`` than was counted as
+        enqueued: (its ``enqueued`` word, how many more). Read without a lock
+        this is also, for a moment, a live writer between publish and count."""
+        words, layout = self.seg.words, self.seg.layout
+        found = []
         for event_id in range(words[H_EVENT_COUNT]):
-            p = layout.prod_counter_word(lane, event_id)
-            c = layout.cons_counter_word(lane, event_id)
-            missing = words[c + C_TAKEN] - words[p + P_ENQUEUED]
+            p = layout.prod_counter_word(lane, event_id) + P_ENQUEUED
+            missing = words[layout.cons_counter_word(lane, event_id) + C_TAKEN] - words[p]
             if missing > 0:
-                words[p + P_ENQUEUED] += missing
-                repaired += missing
+                found.append((p, missing))
+        return found
+
+    def _reconcile(self, lane: int) -> int:
+        words = self.seg.words
+        repaired = 0
+        for enqueued, missing in self._missing(lane):
+            words[enqueued] += missing
+            repaired += missing
         return repaired

@@ -10,6 +10,7 @@ configuration it has). Example::
     name = "mpevent"        # /dev/shm/mpevent
     lanes = 32
     lane_size = 1048576     # bytes, a power of two
+    overflow_lanes = 4      # shared lanes for producer processes beyond `lanes`
     senders = 1
     backlog = 16384                  # datagrams one slow destination may keep waiting
     backlog_bytes = 4194304          # bytes one destination may keep waiting
@@ -73,6 +74,7 @@ class SegmentSection(_Strict):
     name: str = defaults.SEGMENT_NAME
     lanes: int = defaults.LANES
     lane_size: int = defaults.LANE_SIZE
+    overflow_lanes: int = defaults.OVERFLOW_LANES
     senders: int = defaults.SENDERS
     max_events: int = defaults.MAX_EVENTS
     max_subs: int = defaults.MAX_SUBS
@@ -179,6 +181,7 @@ def _validate(c: FileConfig, where: str) -> ServeConfig:
         geometry = Geometry(
             lanes=seg.lanes,
             lane_size=seg.lane_size,
+            overflow_lanes=seg.overflow_lanes,
             senders=seg.senders,
             max_events=seg.max_events,
             max_subs=seg.max_subs,

@@ -1,9 +1,11 @@
 """Counters: summed from the segment's single-writer blocks into plain data.
 
 Producers count per (lane, event), senders per (lane, event) and per
-(sender, subscription); every block has one writer, so no increment is ever
-lost. Reading sums the blocks; any process mapping the segment can do it.
-What each word means is in :mod:`mpevent.shm.layout`.
+(sender, subscription); every block has one writer at a time (a shared
+lane's producer block: whoever holds the lane's lock), so no increment is
+ever lost. Reading sums the blocks of every lane, dedicated and shared; any
+process mapping the segment can do it. What each word means is in
+:mod:`mpevent.shm.layout`.
 
 Accounting is exact, so users can prove nothing vanished silently. The sums
 obey::
@@ -46,12 +48,20 @@ EVENT_COUNTERS = ("raised", *PRODUCER_COUNTERS, *CONSUMER_COUNTERS)
 
 
 def _claimed_lanes(seg: Segment) -> list[int]:
+    """Lanes some producer has written to, dedicated and shared (no claim: all zero)."""
     layout = seg.layout
     return [
         lane
-        for lane in range(layout.geometry.lanes)
+        for lane in range(layout.geometry.ring_lanes)
         if seg.words[layout.lane_word(lane) + L_CLAIMS]
     ]
+
+
+def shared_lane_writers(seg: Segment) -> int:
+    """How many times a process found every dedicated lane owned and began
+    writing to a shared lane (each process counts once per shared lane)."""
+    layout = seg.layout
+    return sum(seg.words[layout.lane_word(lane) + L_CLAIMS] for lane in layout.shared_lanes())
 
 
 def event_counters(seg: Segment) -> dict[str, dict[str, int]]:
@@ -62,8 +72,7 @@ def event_counters(seg: Segment) -> dict[str, dict[str, int]]:
     result: dict[str, dict[str, int]] = {}
     for event_id, name in enumerate(names):
         sums = dict.fromkeys(EVENT_COUNTERS, 0)
-        # The spare block (index == lanes) counts producers that had no lane.
-        for lane in [*lanes, layout.geometry.lanes]:
+        for lane in lanes:
             w = layout.prod_counter_word(lane, event_id)
             for i, key in enumerate(PRODUCER_COUNTERS):
                 sums[key] += words[w + i]
@@ -149,4 +158,5 @@ def collect(seg: Segment) -> dict[str, Any]:
         "senders": sender_counters(seg),
         "lost_in_flight": totals["lost"],
         "repaired": seg.words[H_REPAIRED],
+        "shared_lane_writers": shared_lane_writers(seg),
     }

@@ -10,6 +10,13 @@ All regions start on a 64-byte cache line. Each region has a single writer
 no cross-process lock is ever needed on the fast path, and writers of
 different regions never share a cache line.
 
+Lanes ``0 .. lanes - 1`` are *dedicated*: each belongs to one producer
+process at a time. After them come ``overflow_lanes`` *shared* lanes for the
+processes that found every dedicated lane owned: each is written under a
+record lock on its own byte of the segment file (one writer at a time, so
+the single-writer rule holds per push), and is drained like any lane. A lane
+index below ``ring_lanes`` names both kinds; its lock byte is its index.
+
 Region order::
 
     header        4096 B   magic, geometry, state, table generation
@@ -17,8 +24,9 @@ Region order::
     sub_count     8 B per event: live subscribers, the producers' probe
     event_names   72 B per event: length + UTF-8 name
     table         the hub's subscription snapshot (seqlock-protected blob)
-    lanes         192 B per lane: tail line, head line, owner line
-    prod_counters 64 B per (lane + 1 spare block) x event, written by producers
+    lanes         192 B per lane (dedicated, then shared): tail, head, owner lines
+    prod_counters 64 B per lane x event, written by the lane's producer (or,
+                  on a shared lane, by whoever holds its lock)
     cons_counters 64 B per lane x event, written by the lane's sender
     dest_counters 128 B per sender x subscription slot, written by that sender
     lane_data     lane_size B per lane
@@ -31,7 +39,7 @@ from dataclasses import dataclass
 from mpevent import defaults
 
 MAGIC = 0x3156_4E45_5645_504D  # b"MPEVENV1" little-endian
-LAYOUT_VERSION = 4
+LAYOUT_VERSION = 5  # 5: shared overflow lanes after the dedicated ones, no spare block
 CACHE_LINE = 64
 HEADER_BYTES = 4096
 MAX_SENDERS = 64
@@ -48,6 +56,7 @@ H_MAX_SUBS = 6
 H_TABLE_BYTES = 7
 H_STATE = 8
 H_HUB_PID = 9
+H_OVERFLOW_LANES = 10
 H_TABLE_GEN = 11
 H_EVENT_COUNT = 12
 H_DRAIN_DEADLINE_NS = 13
@@ -88,6 +97,9 @@ AGE_BUCKETS = 16
 # producer's tail and the consumer's head never share one.
 L_TAIL = 0
 L_OWNER_PID = 1  # 0: free; else the pid that claimed it (its lock says if it lives)
+# Dedicated lane: claims so far. Shared lane: processes that started writing
+# to it (each counts itself once, under the lane's lock). Senders drain only
+# lanes with claims; the hub warns when a shared one has any.
 L_CLAIMS = 3
 L_HEAD = 8
 LANE_BLOCK_WORDS = 24
@@ -104,7 +116,7 @@ DEST_COUNTER_WORDS = 16  # words per (sender, subscription slot) block: two cach
 # "raised" is their sum (one increment less on the fast path).
 PRODUCER_COUNTERS = (
     "enqueued",
-    "dropped",  # lane full, or no lane free
+    "dropped",  # lane full
     "rejected",  # bad params or oversize
     "oversize",  # among the rejected
     "no_subscriber",  # returned at the probe: not raised
@@ -190,6 +202,7 @@ class Geometry:
     max_events: int = defaults.MAX_EVENTS
     max_subs: int = defaults.MAX_SUBS
     table_bytes: int = defaults.TABLE_BYTES
+    overflow_lanes: int = defaults.OVERFLOW_LANES  # shared lanes after the dedicated ones
 
     def __post_init__(self) -> None:
         _check_range("lanes", self.lanes, 1, 4096)
@@ -200,6 +213,12 @@ class Geometry:
         _check_range("max_events", self.max_events, 1, 65535)
         _check_range("max_subs", self.max_subs, 1, 1 << 20)
         _check_range("table_bytes", self.table_bytes, 4096, 1 << 30)
+        _check_range("overflow_lanes", self.overflow_lanes, 1, 256)
+
+    @property
+    def ring_lanes(self) -> int:
+        """Every lane, dedicated and shared: what senders drain and counters sum."""
+        return self.lanes + self.overflow_lanes
 
 
 def _check_range(name: str, value: object, lo: int, hi: int) -> None:
@@ -237,15 +256,15 @@ class Layout:
         table_at = at
         at = _align(at + g.table_bytes)
         lanes_at = at
-        at += g.lanes * LANE_BLOCK_WORDS * 8
+        at += g.ring_lanes * LANE_BLOCK_WORDS * 8
         prod_counters_at = at
-        at += (g.lanes + 1) * g.max_events * COUNTER_WORDS * 8
+        at += g.ring_lanes * g.max_events * COUNTER_WORDS * 8
         cons_counters_at = at
-        at += g.lanes * g.max_events * COUNTER_WORDS * 8
+        at += g.ring_lanes * g.max_events * COUNTER_WORDS * 8
         dest_counters_at = at
         at += g.senders * g.max_subs * DEST_COUNTER_WORDS * 8
         lane_data_at = _align(at, 4096)
-        size = lane_data_at + g.lanes * g.lane_size
+        size = lane_data_at + g.ring_lanes * g.lane_size
         return cls(
             g,
             senders_at,
@@ -274,7 +293,6 @@ class Layout:
         return self.lane_data_at + lane * self.geometry.lane_size
 
     def prod_counter_word(self, lane: int, event_id: int) -> int:
-        """``lane == geometry.lanes`` is the spare block for lane-less producers."""
         block = lane * self.geometry.max_events + event_id
         return self.prod_counters_at // 8 + block * COUNTER_WORDS
 
@@ -289,6 +307,15 @@ class Layout:
     def lane_sender(self, lane: int) -> int:
         """The sender that drains ``lane``: a fixed assignment, one consumer per lane."""
         return lane % self.geometry.senders
+
+    def shared_lanes(self) -> range:
+        """The shared (overflow) lanes' indexes, after the dedicated ones."""
+        return range(self.geometry.lanes, self.geometry.ring_lanes)
+
+    def shared_lane_for(self, pid: int) -> int:
+        """The one shared lane a process without a lane of its own writes to
+        (always the same one, so its events stay in order)."""
+        return self.geometry.lanes + pid % self.geometry.overflow_lanes
 
     def event_name_at(self, event_id: int) -> int:
         return self.event_names_at + event_id * EVENT_NAME_BYTES

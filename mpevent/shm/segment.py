@@ -15,11 +15,21 @@ process exits.
 
 Lane ownership is a POSIX record lock (``lockf``) on byte ``lane`` of the
 segment file. The kernel drops it when the owner dies, it is not inherited by
-``fork`` (a child must claim its own lane), and claiming is rare, so this is
-the one lock mpevent takes across processes, never on the fast path.
+``fork`` (a child must claim its own lane), and claiming is rare, so a
+producer with a lane of its own takes no lock across processes on its fast
+path.
+
+A shared (overflow) lane's lock is the same kind of lock on the lane's own
+byte, but held only for one push (:class:`SharedLaneLock`): that is what a
+process without a lane of its own pays per raise. A holder killed mid-push
+has its lock dropped by the kernel, and its unpublished record does not
+exist (see :mod:`mpevent.shm.ring`).
+
 Beware of POSIX lock semantics: closing *any* descriptor of the file drops
 all of the process's locks on it, so a process keeps exactly one descriptor
-per segment open.
+per segment open; and the locks belong to the process, not the thread, so
+its threads are kept apart by the ``threading.Lock`` each
+:class:`SharedLaneLock` comes with (one object per shared lane per mapping).
 """
 
 from __future__ import annotations
@@ -29,6 +39,7 @@ import fcntl
 import mmap
 import os
 import struct
+import threading
 import weakref
 from pathlib import Path
 
@@ -38,6 +49,7 @@ from mpevent.shm.layout import (
     H_MAGIC,
     H_MAX_EVENTS,
     H_MAX_SUBS,
+    H_OVERFLOW_LANES,
     H_SENDERS,
     H_TABLE_BYTES,
     H_VERSION,
@@ -74,6 +86,7 @@ def _after_fork_in_child() -> None:
     for seg in list(_segments):
         seg.claimed.clear()
         seg.held.clear()
+        seg.shared_locks.clear()  # another thread may have held one at the fork
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -95,6 +108,7 @@ class Segment:
         self._closed = False
         self.claimed: set[int] = set()  # lanes this process produces into
         self.held: set[int] = set()  # dead producers' lanes this process reclaims
+        self.shared_locks: dict[int, SharedLaneLock] = {}  # one per shared lane, made on use
         _segments.add(self)
 
     @classmethod
@@ -135,6 +149,7 @@ class Segment:
         w[H_MAX_EVENTS] = geometry.max_events
         w[H_MAX_SUBS] = geometry.max_subs
         w[H_TABLE_BYTES] = geometry.table_bytes
+        w[H_OVERFLOW_LANES] = geometry.overflow_lanes
         w[H_MAGIC] = MAGIC  # last: an attacher that sees it sees the geometry
         return seg
 
@@ -179,6 +194,7 @@ class Segment:
                     "max_events": words[H_MAX_EVENTS],
                     "max_subs": words[H_MAX_SUBS],
                     "table_bytes": words[H_TABLE_BYTES],
+                    "overflow_lanes": words[H_OVERFLOW_LANES],
                 }
             finally:
                 words.release()
@@ -200,15 +216,20 @@ class Segment:
 
     # -- lanes ------------------------------------------------------------
 
-    def claim_lane(self, pid: int) -> int | None:
-        """Take the first free lane for this process; None when all are owned.
+    def claim_lane(self, pid: int, sender: int | None = None) -> int | None:
+        """Take the first free dedicated lane for this process; None when all are owned.
 
         A lane is free when nobody holds its lock *and* its owner word is 0.
         A lane whose owner died still names that owner until the hub has
         let its sender drain it and made its counters add up
         (:mod:`mpevent.processes.reclaim`); until then it is skipped.
+        ``sender``: only a lane that sender drains (a process leaving a
+        shared lane keeps its sender, so its events stay in order).
         """
-        for lane in range(self.layout.geometry.lanes):
+        layout = self.layout
+        for lane in range(layout.geometry.lanes):
+            if sender is not None and layout.lane_sender(lane) != sender:
+                continue
             if lane in self.claimed or lane in self.held:
                 continue  # our own lock would not stop us from taking it twice
             if not self._try_lock(lane):
@@ -239,6 +260,16 @@ class Segment:
         self.words[self.layout.lane_word(lane) + L_OWNER_PID] = 0
         self.held.discard(lane)
         self._unlock(lane)
+
+    def shared_lane_lock(self, lane: int) -> SharedLaneLock:
+        """This mapping's lock of shared lane ``lane`` (the same object for
+        every caller in the process, so its threads exclude each other)."""
+        lock = self.shared_locks.get(lane)
+        if lock is None:
+            if lane not in self.layout.shared_lanes():
+                raise ValueError(f"lane {lane} is not a shared lane")
+            lock = self.shared_locks.setdefault(lane, SharedLaneLock(self.fd, lane))
+        return lock
 
     def _try_lock(self, lane: int) -> bool:
         try:
@@ -288,3 +319,54 @@ class Segment:
     def unlink(self) -> None:
         if self.name is not None:
             shm_path(self.name).unlink(missing_ok=True)
+
+
+class SharedLaneLock:
+    """Makes a shared lane single-writer for as long as it is held.
+
+    A record lock on the lane's byte (the kernel drops it when its holder
+    dies), taken after a ``threading.Lock`` (the record lock belongs to the
+    whole process). Held for one push and its count: a writer that waits
+    (``F_SETLKW``) waits for at most that, or for the holder's death. Taking
+    and releasing it are syscalls that order memory (the kernel's own
+    locking), so the next holder sees the lane's words as the last one left
+    them, on any machine.
+    """
+
+    __slots__ = ("_fd", "_lane", "_local")
+
+    def __init__(self, fd: int, lane: int):
+        self._fd = fd
+        self._lane = lane
+        self._local = threading.Lock()
+
+    def acquire(self) -> None:
+        self._local.acquire()
+        try:
+            fcntl.lockf(self._fd, fcntl.LOCK_EX, 1, self._lane)
+        except BaseException:
+            self._local.release()
+            raise
+
+    def try_acquire(self) -> bool:
+        """Take it only if nobody holds it (the hub never waits for producers)."""
+        if not self._local.acquire(blocking=False):
+            return False
+        try:
+            fcntl.lockf(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, self._lane)
+        except OSError as exc:
+            self._local.release()
+            if exc.errno in (errno.EACCES, errno.EAGAIN):
+                return False
+            raise
+        return True
+
+    def release(self) -> None:
+        fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, self._lane)
+        self._local.release()
+
+    def __enter__(self) -> None:
+        self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

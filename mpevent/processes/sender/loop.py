@@ -113,14 +113,14 @@ class Sender:
         g = layout.geometry
         self.words = seg.words
         self.my_word = layout.sender_word(index)
-        self.readers = [  # the lanes this sender drains (lane % senders)
+        self.readers = [  # the lanes this sender drains (lane % senders), shared ones too
             (
                 lane,
                 LaneReader(
                     seg.buf, seg.words, layout.lane_word(lane), layout.lane_data(lane), g.lane_size
                 ),
             )
-            for lane in range(g.lanes)
+            for lane in range(g.ring_lanes)
             if layout.lane_sender(lane) == index
         ]
         # The lanes some producer has claimed; the others stay empty, and

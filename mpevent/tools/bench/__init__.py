@@ -12,23 +12,29 @@ of the spread between runs.
 
 One module per section, each with the processes it runs:
 
-* :mod:`.cost` 1. producer cost per call, against inline ``sendto`` and queue puts;
-* :mod:`.e2e` 2. end to end: delivered events/s, against queue pipelines and
-  a bare ``sendto`` loop, and the CPU per delivered event;
+* :mod:`.cost` 1. producer cost per call, against inline ``sendto``,
+  ``orjson.dumps`` alone, a pyzmq PUSH ``send``, a put for a sender thread
+  and queue puts; ``raise_event`` on each fast path and with every lane owned;
+* :mod:`.e2e` 2. end to end: delivered events/s, against queue, pyzmq and
+  sender-thread pipelines and a bare ``sendto`` loop, and the CPU per
+  delivered event;
 * :mod:`.fanout` 3. fan-out to 1, 8 and 64 subscribers;
 * :mod:`.latency` 4. raise-to-receive latency at 10, 50 and 90 % of capacity;
 * :mod:`.memory` 5. peak RSS and USS per process and role, the segment's size.
 
 and around them: :mod:`.config` (the payload and how much a run does),
-:mod:`.bodies` (what the child processes run), :mod:`.plumbing` (spawning
-and always reaping children, starting them together, sink sockets),
-:mod:`.cpu` (CPU accounting of the machine and the processes),
-:mod:`.report` (targets, printed tables, JSON), :mod:`.plot` (the chart)
-and :mod:`.runner` (options and entry points). The statistics and table
-helpers are :mod:`mpevent.tools.figures`'s.
+:mod:`.extras` (the optional pipelines and mpevent's fast paths a run
+has), :mod:`.bodies` (what the child processes run), :mod:`.plumbing`
+(spawning and always reaping children, starting them together, sink
+sockets, pyzmq sockets), :mod:`.cpu` (CPU accounting of the machine and
+the processes), :mod:`.report` (targets, printed tables, JSON),
+:mod:`.plot` (the chart) and :mod:`.runner` (options and entry points).
+The statistics and table helpers are :mod:`mpevent.tools.figures`'s.
 
 The optional pipelines and the chart need ``pip install 'mpevent[bench]'``
-(faster-fifo, matplotlib); without them those parts are skipped with a note.
+(faster-fifo, pyzmq, matplotlib); without them those parts are skipped
+with a note. The compiled and the pure-Python fast paths run side by side
+when the extension is built (``mpevent.COMPILED``, printed in the header).
 """
 
 from mpevent.tools.bench.runner import build_parser, main, run

@@ -1,12 +1,15 @@
-"""What the children of a run do: sinks, producers, queue senders and consumers,
-the bare sendto loop.
+"""What the children of a run do: sinks, producers, queue and pyzmq senders and
+consumers, the producers' sender threads, a lane holder, the bare sendto loop.
 
 Each body runs in a process :class:`~.plumbing.Spawner` forked, so its
-arguments (the bus, sockets, queues, pipes) are inherited, not pickled.
+arguments (the bus, sockets, queues, pipes, the pyzmq module) are inherited,
+not pickled; a pyzmq context is only ever made in the process that uses it.
 The timed workers wait on their :class:`~.plumbing.StartLine`; sinks report
 what they counted on a pipe. An mpevent producer that finds its lane full
 retries until the event fits, so mpevent loses nothing in the throughput
-runs (its ``dropped`` counter then counts the retries).
+runs (its ``dropped`` counter then counts the retries); a pyzmq producer
+whose socket is full (high-water mark) waits in ``send``, as a full queue's
+``put`` does.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import os
 import queue as queue_module
 import selectors
 import socket
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -25,8 +29,10 @@ from typing import Any
 import orjson
 
 from mpevent.api.bus import EventBus
-from mpevent.tools.bench.config import DATAGRAM, EVENT, PARAMS
-from mpevent.tools.bench.plumbing import StartLine
+from mpevent.protocol.payload import params_prefix
+from mpevent.tools.bench.config import DATAGRAM, EVENT, EVENT_BYTES, PARAMS
+from mpevent.tools.bench.extras import raiser
+from mpevent.tools.bench.plumbing import StartLine, zmq_close, zmq_socket
 
 BACKOFF = 1e-3  # an mpevent producer that finds its lane full sleeps this long
 GIVE_UP = 60.0  # a producer that cannot enqueue for this long exits with an error
@@ -120,8 +126,11 @@ def _retry(raise_event: Callable[[str, Any], bool], params: dict[str, Any]) -> N
         time.sleep(BACKOFF)
 
 
-def mpevent_producer(bus: EventBus, start: StartLine, count: int, seq0: int) -> None:
-    raise_event = bus.raise_event
+def mpevent_producer(
+    bus: EventBus, start: StartLine, count: int, seq0: int, compiled: bool | None = None
+) -> None:
+    """Raise ``count`` events through the path ``compiled`` names (None: the bus's own)."""
+    raise_event = raiser(bus, compiled)
     base = PARAMS
     start.wait()
     for seq in range(seq0, seq0 + count):
@@ -166,6 +175,126 @@ def queue_producer(q: Any, start: StartLine, count: int, seq0: int) -> None:
     start.wait()
     for seq in range(seq0, seq0 + count):
         put((EVENT, {**base, "seq": seq}))
+
+
+_FLUSH = object()  # SenderThread.flush's mark, in the place of an event name
+
+
+class SenderThread:
+    """A producer's own background sender, the way ``logging.QueueHandler`` (with a
+    ``QueueListener``) and statsd clients do it: the caller only puts
+    ``(name, params)`` on a ``SimpleQueue``; a thread of the same process, under
+    the same GIL, encodes the notification with orjson and sends it."""
+
+    def __init__(self, target: tuple[str, int]):
+        self._queue: queue_module.SimpleQueue[Any] = queue_module.SimpleQueue()
+        self.put = self._queue.put
+        self._target = target
+        self._thread = threading.Thread(target=self._run, name="bench-sender", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        out = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sendto = out.sendto
+        dumps = orjson.dumps
+        get = self._queue.get
+        target = self._target
+        while (item := get()) is not None:
+            name, params = item
+            if name is _FLUSH:
+                params.set()
+                continue
+            sendto(dumps({"jsonrpc": "2.0", "method": name, "params": params}), target)
+        out.close()
+
+    def flush(self) -> None:
+        """Until everything put so far has been sent (a blocking wait: no CPU spent)."""
+        done = threading.Event()
+        self.put((_FLUSH, done))
+        done.wait()
+
+    def close(self) -> None:
+        """Send what is queued, then end the thread."""
+        self.put(None)
+        self._thread.join()
+
+
+def thread_producer(start: StartLine, count: int, seq0: int, target: tuple[str, int]) -> None:
+    """Put ``count`` events for this process's sender thread; return once it sent them
+    (the process's CPU time, the thread's included, is the producer's)."""
+    sender = SenderThread(target)
+    queue_producer(sender, start, count, seq0)
+    sender.close()
+
+
+def zmq_datagram(message: bytes, prefixes: dict[bytes, bytes]) -> bytes:
+    """The notification of a pyzmq message ``name + b" " + params``, built the way
+    mpevent's sender builds it (the event's prefix, the params as they came, ``}``):
+    the bytes ``orjson.dumps`` of the envelope gives, without decoding the params
+    again. ``prefixes`` caches the prefix per event name."""
+    name, _, params = message.partition(b" ")
+    prefix = prefixes.get(name)
+    if prefix is None:
+        prefix = prefixes[name] = params_prefix(name.decode())
+    return prefix + params + b"}"
+
+
+def zmq_producer(zmq: Any, endpoint: str, start: StartLine, count: int, seq0: int) -> None:
+    """PUSH ``count`` events without blocking (waiting only when the socket is full),
+    then this producer's end mark (an empty message)."""
+    ctx, sock = zmq_socket(zmq, zmq.PUSH, endpoint, bind=False)
+    send = sock.send
+    dumps = orjson.dumps
+    name = EVENT_BYTES
+    noblock, again = zmq.NOBLOCK, zmq.Again
+    base = PARAMS
+    start.wait()
+    for seq in range(seq0, seq0 + count):
+        message = name + b" " + dumps({**base, "seq": seq})
+        try:
+            send(message, noblock)
+        except again:
+            send(message)
+    send(b"")
+    zmq_close(ctx, sock)
+
+
+def zmq_sender(
+    zmq: Any, endpoint: str, target: tuple[str, int], producers: int, ready: Any
+) -> None:
+    """PULL, build each notification, sendto; stop at the end mark of every producer."""
+    ctx, sock = zmq_socket(zmq, zmq.PULL, endpoint, bind=True)
+    ready.send(True)  # bound: the producers may connect
+    out = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sendto = out.sendto
+    recv = sock.recv
+    prefixes: dict[bytes, bytes] = {}
+    ends = 0
+    while ends < producers:
+        message = recv()
+        if message:
+            sendto(zmq_datagram(message, prefixes), target)
+        else:
+            ends += 1
+    out.close()
+    zmq_close(ctx, sock)
+
+
+def zmq_consumer(zmq: Any, endpoint: str, counter: Any, ready: Any) -> None:
+    """Producer-cost section: PULL and count what was taken, until an end mark."""
+    ctx, sock = zmq_socket(zmq, zmq.PULL, endpoint, bind=True)
+    ready.send(True)
+    recv = sock.recv
+    while recv():
+        counter.value += 1
+    zmq_close(ctx, sock)
+
+
+def hold_lane(bus: EventBus, event: str, ready: Any, stop: Any, timeout: float) -> None:
+    """Own a lane of ``bus`` (a first raise claims it) until ``stop`` is set."""
+    bus.raise_event(event, PARAMS)
+    ready.send(bus.producer.lane)
+    stop.wait(timeout)
 
 
 def queue_sender(q: Any, batched: bool, target: tuple[str, int]) -> None:

@@ -17,6 +17,7 @@ import orjson
 EVENT = "E_SIP_REQUEST"
 PARAMS = {"method": "INVITE", "from": "sip:alice@example.com", "source": "127.0.0.1:5060", "seq": 0}
 DATAGRAM = orjson.dumps({"jsonrpc": "2.0", "method": EVENT, "params": PARAMS})
+EVENT_BYTES = EVENT.encode()  # how a pyzmq producer names the event in its message
 
 
 @dataclass(frozen=True)
@@ -88,9 +89,17 @@ CONFIGS = {
 }
 
 SECTIONS = ("cost", "e2e", "fanout", "latency")
-PIPELINES = ("mpevent", "mp_queue", "faster_fifo")
+# "mpevent" is the default fast path (compiled when the extension is built,
+# mpevent.COMPILED); "mpevent_pure" the pure-Python path beside it, run only
+# when the default is the compiled one.
+PURE = "_pure"  # the suffix of the pure path's cases and pipeline, beside the default's
+PIPELINES = ("mpevent", f"mpevent{PURE}", "pyzmq", "thread", "mp_queue", "faster_fifo")
+THREAD_SENDERS = 0  # the "senders" of the thread pipeline: none apart, one thread per producer
 PIPELINE_LABELS = {
     "mpevent": "mpevent",
+    "mpevent_pure": "mpevent, pure path",
+    "pyzmq": "pyzmq PUSH/PULL",
+    "thread": "sender thread per producer",
     "mp_queue": "multiprocessing.Queue",
     "faster_fifo": "faster_fifo.Queue",
     "bare": "bare sendto loop",

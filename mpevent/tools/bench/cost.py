@@ -2,14 +2,23 @@
 
 Each call is timed on its own with ``perf_counter_ns`` (net of the timer's
 own cost, measured the same way and printed): ``raise_event`` with 0, 1, 8
-and 64 UDP subscribers, against the inline way OpenSIPS uses (orjson +
-``sendto`` from the producer itself), ``multiprocessing.Queue.put`` and
-``faster_fifo.Queue.put``. Cases are interleaved in rounds, shuffled per
-round. Between samples the ring is left to drain and the queues are
-emptied by their consumer processes, so every timed call takes the fast
-path (it enqueues; nothing blocks). Also the CPU the producer process
-spends per call, helper threads included (``multiprocessing.Queue``
-pickles and writes in a feeder thread, after ``put`` returned).
+and 64 UDP subscribers, on each fast path this build has (the compiled one
+and the pure-Python one beside it, :mod:`.extras`), and with every lane
+owned by another process (a bus with one lane, held by a child: the raise
+goes through the shared lanes). Against them: the inline way OpenSIPS uses
+(orjson + ``sendto`` from the producer itself), ``orjson.dumps(params)``
+alone (the floor: the encode every case pays), a pyzmq PUSH ``send``
+without blocking (a PULL process drains it), a ``SimpleQueue.put`` for a
+sender thread of the producer's own (``logging.QueueHandler``'s way),
+``multiprocessing.Queue.put`` and ``faster_fifo.Queue.put``.
+
+Cases are interleaved in rounds, shuffled per round. Between samples the
+rings are left to drain and the queues emptied by their consumers, so
+every timed call takes the fast path (it enqueues; nothing blocks). Also
+the CPU the producer process spends per call, helper threads included: the
+case waits for the work its calls left to a thread of this process
+(``multiprocessing.Queue``'s feeder pickles and writes, pyzmq's I/O thread
+writes, the sender thread encodes and sends) before it reads the clock.
 """
 
 from __future__ import annotations
@@ -26,8 +35,9 @@ from typing import Any
 import orjson
 
 from mpevent.api.bus import EventBus
-from mpevent.tools.bench.bodies import queue_consumer
-from mpevent.tools.bench.config import EVENT, PARAMS, Config
+from mpevent.tools.bench.bodies import SenderThread, hold_lane, queue_consumer, zmq_consumer
+from mpevent.tools.bench.config import EVENT, EVENT_BYTES, PARAMS, PURE, Config
+from mpevent.tools.bench.extras import Extras, raiser
 from mpevent.tools.bench.memory import MemoryMonitor
 from mpevent.tools.bench.plumbing import (
     CTX,
@@ -36,22 +46,41 @@ from mpevent.tools.bench.plumbing import (
     make_queue,
     udp_addr,
     udp_socket,
+    zmq_close,
+    zmq_endpoint,
+    zmq_socket,
 )
 from mpevent.tools.figures import median, ratio, summarize
 
 COST_EVENTS = {0: "E_NOBODY", 1: "E_ONE", 8: "E_EIGHT", 64: "E_MANY"}
+SHARED = "shared"  # the case with every lane owned: raise_shared
+SHARED_LANES = 1  # lanes of that case's bus; a child holds the one there is
+READY_TIMEOUT = 30.0
+
+LABELS = {
+    "inline": "inline orjson + sendto (OpenSIPS)",
+    "dumps": "orjson.dumps(params) alone (the floor)",
+    "pyzmq": 'pyzmq PUSH send(name + b" " + dumps(params), NOBLOCK)',
+    "thread": "SimpleQueue.put, sender thread (QueueHandler's way)",
+    "mp_queue": "multiprocessing.Queue.put",
+    "faster_fifo": "faster_fifo.Queue.put",
+    "timer": "timer overhead (subtracted)",
+}
 
 
-def _cost_label(case: str) -> str:
-    if case.startswith("raise_"):
-        n = int(case.split("_")[1])
-        return f"raise_event, {n} subscriber{'' if n == 1 else 's'}"
-    return {
-        "inline": "inline orjson + sendto (OpenSIPS)",
-        "mp_queue": "multiprocessing.Queue.put",
-        "faster_fifo": "faster_fifo.Queue.put",
-        "timer": "timer overhead (subtracted)",
-    }[case]
+def cost_label(case: str, compiled: bool | None = None) -> str:
+    """The printed name of a case; ``compiled``: whether the default path is the compiled one."""
+    if not case.startswith("raise_"):
+        return LABELS[case]
+    what = case.removeprefix("raise_").removesuffix(PURE)
+    if what == SHARED:
+        text = f"raise_event, every lane owned ({SHARED_LANES} lane, shared lanes)"
+    else:
+        n = int(what)
+        text = f"raise_event, {n} subscriber{'' if n == 1 else 's'}"
+    if case.endswith(PURE):
+        return f"{text}, pure path"
+    return f"{text}, compiled" if compiled else text
 
 
 def _timed_calls(fn: Callable[..., Any], args: tuple[Any, ...], n: int, out: list[int]) -> None:
@@ -64,7 +93,25 @@ def _timed_calls(fn: Callable[..., Any], args: tuple[Any, ...], n: int, out: lis
         append(clock() - t0)
 
 
-def producer_cost(cfg: Config, monitor: MemoryMonitor, ff: Any, rng: random.Random) -> dict:
+class _Counted:
+    """A case whose calls a consumer process completes, counting them in shared memory."""
+
+    def __init__(self) -> None:
+        self.counter = CTX.RawValue("Q", 0)
+        self.put = 0
+
+    def behind(self) -> bool:
+        return self.counter.value < self.put
+
+    def wait(self) -> None:
+        """Until the consumer took every call: the deferred work of this process's
+        helper thread is done, and its CPU counted (a cheap poll meanwhile)."""
+        deadline = time.monotonic() + READY_TIMEOUT
+        while self.behind() and time.monotonic() < deadline:
+            time.sleep(50e-6)
+
+
+def producer_cost(cfg: Config, monitor: MemoryMonitor, extras: Extras, rng: random.Random) -> dict:
     """Per-call producer cost of every case, in interleaved, shuffled rounds."""
     subs_needed = max(cfg.cost_subscribers)
     sinks = [udp_socket(4 << 20) for _ in range(subs_needed)]
@@ -75,7 +122,6 @@ def producer_cost(cfg: Config, monitor: MemoryMonitor, ff: Any, rng: random.Rand
     inline_target = sinks[0].getsockname()
     dumps = orjson.dumps
     item = (EVENT, PARAMS)
-    samples: dict[str, list[int]] = {}
     monitor.watch(os.getpid(), "bench", "main")
 
     def inline(event: str, params: Any) -> None:
@@ -86,42 +132,84 @@ def producer_cost(cfg: Config, monitor: MemoryMonitor, ff: Any, rng: random.Rand
         for s in sinks:
             stack.callback(s.close)
         bus = stack.enter_context(EventBus(senders=1))
-        monitor.watch(bus.hub_pid, "mpevent", "hub")
-        monitor.watch_children(bus.hub_pid, "mpevent", "sender", 1)
-        cases: dict[str, tuple[Callable[..., Any], tuple[Any, ...]]] = {}
+        shared_bus = stack.enter_context(EventBus(senders=1, lanes=SHARED_LANES))
+        for b in (bus, shared_bus):
+            monitor.watch(b.hub_pid, "mpevent", "hub")
+            monitor.watch_children(b.hub_pid, "mpevent", "sender", 1)
         for n in cfg.cost_subscribers:
-            event = COST_EVENTS[n]
-            bus.publish_event(event)
+            bus.publish_event(COST_EVENTS[n])
             for addr in addrs[:n]:
-                bus.subscribe(event, addr, expire=None)
-            cases[f"raise_{n}"] = (bus.raise_event, (event, PARAMS))
+                bus.subscribe(COST_EVENTS[n], addr, expire=None)
+        shared_bus.publish_event(COST_EVENTS[0])  # the lane holder's
+        shared_bus.publish_event(COST_EVENTS[1])
+        shared_bus.subscribe(COST_EVENTS[1], addrs[0], expire=None)
+
+        # Every child first: a zmq context and the sender thread are made
+        # after the last fork. On the way out (LIFO) the thread and the PUSH
+        # socket are closed, the lane holder is told to go and each queue gets
+        # its end mark before the spawner reaps.
+        spawner = stack.enter_context(Spawner(monitor, "bench"))
+        counted: dict[str, _Counted] = {}
+        cases: dict[str, tuple[Callable[..., Any], tuple[Any, ...]]] = {}
+        for kind in ("mp_queue", "faster_fifo") if extras.ff is not None else ("mp_queue",):
+            q = stack.enter_context(closing_queue(make_queue(kind, extras.ff), stop=1))
+            c = counted[kind] = _Counted()
+            spawner.start(
+                "consumer", queue_consumer, q, kind == "faster_fifo", c.counter, pipeline=kind
+            )
+            cases[kind] = (q.put, (item,))
+        ready_r, ready_w = CTX.Pipe(duplex=False)
+        stack.callback(ready_r.close)
+        stack.callback(ready_w.close)
+        stop = CTX.Event()
+        args = (shared_bus, COST_EVENTS[0], ready_w, stop, cfg.run_timeout)
+        spawner.start("lane holder", hold_lane, *args, pipeline="mpevent")
+        stack.callback(stop.set)
+        if spawner.receive(ready_r, READY_TIMEOUT) < 0:
+            raise RuntimeError("the lane holder did not get the shared bus's lane")
+        zmq = extras.zmq
+        if zmq is not None:
+            endpoint = zmq_endpoint()
+            c = counted["pyzmq"] = _Counted()
+            args = (zmq, endpoint, c.counter, ready_w)
+            spawner.start("consumer", zmq_consumer, *args, pipeline="pyzmq")
+            spawner.receive(ready_r, READY_TIMEOUT)  # bound
+            ctx, push = zmq_socket(zmq, zmq.PUSH, endpoint, bind=False)
+            stack.callback(zmq_close, ctx, push)
+            stack.callback(push.send, b"")  # the consumer's end mark
+            send, noblock = push.send, zmq.NOBLOCK
+
+            def zmq_send(name: bytes, params: Any) -> None:
+                send(name + b" " + dumps(params), noblock)
+
+            cases["pyzmq"] = (zmq_send, (EVENT_BYTES, PARAMS))
+        sender_thread = SenderThread(inline_target)
+        stack.callback(sender_thread.close)
+        cases["thread"] = (sender_thread.put, (item,))
+        finish = {kind: c.wait for kind, c in counted.items() if kind != "faster_fifo"}
+        finish["thread"] = sender_thread.flush
+
+        for suffix, compiled in extras.paths.items():
+            raise_event = raiser(bus, compiled)
+            for n in cfg.cost_subscribers:
+                cases[f"raise_{n}{suffix}"] = (raise_event, (COST_EVENTS[n], PARAMS))
+            raise_event(COST_EVENTS[1], PARAMS)  # claim a lane outside the timing
+            raise_shared = raiser(shared_bus, compiled)
+            cases[f"raise_{SHARED}{suffix}"] = (raise_shared, (COST_EVENTS[1], PARAMS))
+            raise_shared(COST_EVENTS[1], PARAMS)  # find every lane owned outside the timing
         cases["inline"] = (inline, (EVENT, PARAMS))
+        cases["dumps"] = (dumps, (PARAMS,))
         cases["timer"] = (operator.is_, (EVENT, PARAMS))
 
-        # Queues, each emptied by its own consumer process; a counter in
-        # shared memory says when it has taken everything put so far. On the
-        # way out each gets its end mark before the spawner reaps (LIFO).
-        spawner = stack.enter_context(Spawner(monitor, "bench"))
-        queues: dict[str, tuple[Any, Any, list[int]]] = {}
-        for kind in ("mp_queue", "faster_fifo") if ff is not None else ("mp_queue",):
-            q = stack.enter_context(closing_queue(make_queue(kind, ff), stop=1))
-            counter = CTX.RawValue("Q", 0)
-            spawner.start(
-                "consumer", queue_consumer, q, kind == "faster_fifo", counter, pipeline=kind
-            )
-            queues[kind] = (q, counter, [0])  # [0]: how many were put
-            cases[kind] = (q.put, (item,))
-
-        bus.raise_event(COST_EVENTS[1], PARAMS)  # claim the lane outside the timing
-
         def settle() -> None:
-            """Ring drained, sinks emptied, queues taken: every timed call takes the fast path."""
-            deadline = time.monotonic() + 30
-            while True:
-                t = bus.stats()["totals"]
-                done = t["dispatched"] + t["unrouted"] >= t["enqueued"]
-                done = done and all(c.value >= p[0] for _, c, p in queues.values())
-                if done or time.monotonic() > deadline:
+            """Rings drained, sinks emptied, queues taken: every timed call takes the fast path."""
+            deadline = time.monotonic() + READY_TIMEOUT
+            while time.monotonic() < deadline:
+                drained = all(
+                    t["dispatched"] + t["unrouted"] >= t["enqueued"]
+                    for t in (b.stats()["totals"] for b in (bus, shared_bus))
+                )
+                if drained and not any(c.behind() for c in counted.values()):
                     break
                 time.sleep(0.0005)
             for sink in sinks:
@@ -132,7 +220,7 @@ def producer_cost(cfg: Config, monitor: MemoryMonitor, ff: Any, rng: random.Rand
                     pass
 
         names = list(cases)
-        samples = {name: [] for name in names}
+        samples: dict[str, list[int]] = {name: [] for name in names}
         cpu: dict[str, list[float]] = {name: [] for name in names}
         for _ in range(cfg.cost_rounds):
             rng.shuffle(names)
@@ -141,25 +229,21 @@ def producer_cost(cfg: Config, monitor: MemoryMonitor, ff: Any, rng: random.Rand
                 fn, args = cases[name]
                 c0 = time.process_time_ns()
                 _timed_calls(fn, args, cfg.cost_sample, samples[name])
-                if name in queues:
-                    _, counter, put = queues[name]
-                    put[0] += cfg.cost_sample
-                    if name == "mp_queue":
-                        # Its feeder thread pickles and writes to the pipe later, in
-                        # this process: count that CPU too (a cheap wait meanwhile).
-                        deadline = time.monotonic() + 30
-                        while counter.value < put[0] and time.monotonic() < deadline:
-                            time.sleep(50e-6)
+                if name in counted:
+                    counted[name].put += cfg.cost_sample
+                if name in finish:
+                    finish[name]()
                 cpu[name].append((time.process_time_ns() - c0) / cfg.cost_sample)
             monitor.sample()
         settle()
         totals = bus.stats()["totals"]
+        shared_totals = shared_bus.stats()["totals"]
 
     timer = median(samples["timer"])
     timer_cpu = median(cpu["timer"])
     results = {
         name: {
-            "label": _cost_label(name),
+            "label": cost_label(name, extras.compiled),
             **summarize(values, offset=timer),
             "cpu_ns": median(cpu[name]) - timer_cpu,
         }
@@ -167,7 +251,7 @@ def producer_cost(cfg: Config, monitor: MemoryMonitor, ff: Any, rng: random.Rand
         if name != "timer"
     }
     results["timer"] = {
-        "label": _cost_label("timer"),
+        "label": cost_label("timer"),
         **summarize(samples["timer"]),
         "cpu_ns": timer_cpu,
     }
@@ -183,4 +267,12 @@ def producer_cost(cfg: Config, monitor: MemoryMonitor, ff: Any, rng: random.Rand
         "calls_per_round": cfg.cost_sample,
         "cases": results,
         "bus_totals": totals,
+        # Every lane owned: with shared lanes every raise enqueues; a build
+        # without them refuses each (counted as dropped), and the figure is
+        # then a refusal's cost.
+        "shared_lanes": {
+            "lanes": SHARED_LANES,
+            "enqueued": shared_totals["enqueued"],
+            "dropped": shared_totals["dropped"],
+        },
     }

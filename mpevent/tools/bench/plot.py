@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mpevent.tools.bench.config import PIPELINE_LABELS, PIPELINES
+from mpevent.tools.bench.config import PIPELINE_LABELS, PIPELINES, THREAD_SENDERS
 from mpevent.tools.bench.report import find
 
 
@@ -65,7 +65,8 @@ def plot(results: dict[str, Any], path: str) -> str | None:
         if bare:
             ax.axhline(bare["send_rate"], color="grey", linestyle="--", label="bare sendto loop")
         ax.set_xticks(
-            [j + 0.4 - width / 2 for j in range(len(configs))], [f"{p}p/{s}s" for p, s in configs]
+            [j + 0.4 - width / 2 for j in range(len(configs))],
+            [f"{p}p\nthread" if s == THREAD_SENDERS else f"{p}p/{s}s" for p, s in configs],
         )
         ax.set_ylabel("delivered events/s")
         ax.set_title("2. end to end (producers/senders)")

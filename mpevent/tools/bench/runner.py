@@ -4,8 +4,8 @@
 :func:`run` runs the sections in order (each with its own shuffled case
 order, from one seeded generator), then the memory section, and returns
 the results as plain data (what ``--json`` writes, keys in the order
-printed). faster_fifo is optional: without it its cases are skipped with
-a note.
+printed). faster_fifo, pyzmq and the compiled fast path are optional
+(:mod:`.extras`): what is missing is skipped with a note.
 """
 
 from __future__ import annotations
@@ -25,19 +25,12 @@ from mpevent.tools.bench.config import CONFIGS, DATAGRAM, PARAMS, SECTIONS, Conf
 from mpevent.tools.bench.cost import producer_cost
 from mpevent.tools.bench.cpu import CpuMark, other_cores, python_speed
 from mpevent.tools.bench.e2e import end_to_end
+from mpevent.tools.bench.extras import detect
 from mpevent.tools.bench.fanout import fanout
 from mpevent.tools.bench.latency import latency
 from mpevent.tools.bench.memory import MemoryMonitor, memory
 from mpevent.tools.bench.plot import plot
 from mpevent.tools.bench.report import render_report, targets, write_json
-
-
-def optional_module(name: str) -> Any:
-    """The module, or None when it is not installed (tests replace this)."""
-    try:
-        return __import__(name)
-    except ImportError:
-        return None
 
 
 def build_parser(
@@ -47,9 +40,10 @@ def build_parser(
     parser = argparse.ArgumentParser(
         prog=prog,
         add_help=add_help,
-        description="Benchmark mpevent against inline sendto, multiprocessing.Queue and "
-        "faster_fifo pipelines: producer cost, end-to-end throughput and loss, fan-out, "
-        "latency, memory.",
+        description="Benchmark mpevent (its compiled and pure-Python paths) against inline "
+        "sendto, orjson alone, pyzmq, a sender thread per producer, multiprocessing.Queue "
+        "and faster_fifo: producer cost, end-to-end throughput and loss, fan-out, latency, "
+        "memory.",
     )
     parser.add_argument("--quick", action="store_true", help="short run (CI smoke, < 1 min)")
     parser.add_argument(
@@ -83,21 +77,14 @@ def run(cfg: Config, sections: Sequence[str], seed: int = 1, use_faster_fifo: bo
     started = time.monotonic()
     speed_before = python_speed()
     rng = random.Random(seed)
-    notes: list[str] = []
-    ff = optional_module("faster_fifo") if use_faster_fifo else None
-    if ff is None:
-        notes.append(
-            "faster_fifo not installed (pip install 'mpevent[bench]'): its cases are skipped"
-            if use_faster_fifo
-            else "faster_fifo skipped (--no-faster-fifo)"
-        )
+    extras, notes = detect(use_faster_fifo)
     monitor = MemoryMonitor()
     results: dict[str, Any] = {}
     section_seconds: dict[str, float] = {}
     gc.collect()
     steps = (
-        ("cost", "producer_cost", lambda: producer_cost(cfg, monitor, ff, rng)),
-        ("e2e", "end_to_end", lambda: end_to_end(cfg, monitor, ff, rng)),
+        ("cost", "producer_cost", lambda: producer_cost(cfg, monitor, extras, rng)),
+        ("e2e", "end_to_end", lambda: end_to_end(cfg, monitor, extras, rng)),
         ("fanout", "fanout", lambda: fanout(cfg, monitor, rng)),
         ("latency", "latency", lambda: latency(cfg, monitor, rng)),
     )
@@ -117,7 +104,10 @@ def run(cfg: Config, sections: Sequence[str], seed: int = 1, use_faster_fifo: bo
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
         "platform": f"{platform.system()} {platform.machine()}",
-        "faster_fifo": getattr(ff, "__version__", "installed") if ff else None,
+        "compiled": extras.compiled,
+        "pure_beside": extras.pure_beside,
+        "faster_fifo": getattr(extras.ff, "__version__", "installed") if extras.ff else None,
+        "pyzmq": getattr(extras.zmq, "__version__", "installed") if extras.zmq else None,
         "seconds": time.monotonic() - started,
         "python_ns_per_step": [speed_before, python_speed()],
         "section_seconds": section_seconds,

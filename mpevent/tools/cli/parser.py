@@ -72,6 +72,20 @@ class _WatchAction(argparse.Action):
         namespace.watch = seconds
 
 
+class _VersionAction(argparse.Action):
+    """``--version``: the version and which producer path runs (``mpevent.COMPILED``),
+    looked up only when asked: the package metadata costs a command ~10 ms."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=argparse.SUPPRESS, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from mpevent.processes import fastpath
+
+        print(f"mpevent {defaults.version()} ({fastpath.describe()})")
+        parser.exit()
+
+
 def _mi_options(parser: argparse.ArgumentParser, default: Any) -> None:
     parser.add_argument(
         "--mi",
@@ -106,6 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="The mpevent command: run the hub, manage it over its MI, listen for events.",
         epilog="Exit codes: 0 success, 1 the hub answered with an error, 2 usage or "
         "configuration error, 3 no hub answered.",
+    )
+    parser.add_argument(
+        "--version",
+        action=_VersionAction,
+        help="print the version and whether the compiled fast path runs, then exit",
     )
     _mi_options(parser, None)
     # The same options after the subcommand; SUPPRESS keeps them from
