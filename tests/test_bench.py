@@ -14,6 +14,7 @@ from pathlib import Path
 
 import orjson
 import pytest
+from support import forks_from_threads
 
 from mpevent.protocol.payload import encode_notification
 from mpevent.tools import bench
@@ -242,6 +243,7 @@ def test_unknown_section_is_an_error(capsys):
 # -- a tiny real run -----------------------------------------------------------
 
 
+@forks_from_threads  # the bench's own children, forked beside its pyzmq and sender threads
 def test_smoke_run_has_every_section(tmp_path: Path, capsys):
     out = tmp_path / "bench.json"
     png = tmp_path / "bench.png"
@@ -265,7 +267,9 @@ def test_smoke_run_has_every_section(tmp_path: Path, capsys):
     assert set(cases) == {*mine, *others, "timer"}
     for case in [*mine, *others]:
         assert cases[case]["n"] == 3 * 20
-        assert 0 < cases[case]["median"] <= cases[case]["p99"]
+        # A compiled call with nobody subscribed costs about what the timer
+        # subtracted, so its net median may round to 0; its p99 may not.
+        assert 0 <= cases[case]["median"] <= cases[case]["p99"] and cases[case]["p99"] > 0
     assert data["producer_cost"]["bus_totals"]["dropped"] == 0  # timed calls all enqueued
     # Every lane owned: each raise (one untimed per path, then the timed ones) is
     # counted once, and with shared lanes every one of them enqueued.
