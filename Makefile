@@ -18,6 +18,8 @@ $(STAMP): pyproject.toml $(EXT_SOURCES)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]'
+	@# pip shows a build's own output only with -v: say here which path it gave.
+	@$(BIN)/python -c 'from mpevent.processes import fastpath; print("mpevent:", fastpath.describe())'
 	touch $(STAMP)
 
 demo: $(STAMP)
