@@ -135,7 +135,7 @@ def start_proxy(
         if probe_proxy(port, 20.0):
             return proxy, port
         proxy.stop()
-    raise RuntimeError(f"workers.sipproxy did not start:\n{proxy.log()}")
+    raise RuntimeError(f"mpevent.workers.sipproxy did not start:\n{proxy.log()}")
 
 
 def run_locust(
@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         sink = start_sink(tmp, name, env, args.drain_timeout)
         if args.sip_time > 0:
             proxy, port = start_proxy(tmp, name, env, args.workers, args.pike_limit)
-            say(f"workers.sipproxy on udp:127.0.0.1:{port} with {args.workers} workers")
+            say(f"mpevent.workers.sipproxy on udp:127.0.0.1:{port} with {args.workers} workers")
             code, agg = run_locust(
                 f"SIP-like requests to workers/sipproxy ({args.sip_users} users x "
                 f"{args.sip_rate:g} req/s, {args.sip_time:g} s, {args.processes} processes)",
