@@ -267,9 +267,10 @@ def test_smoke_run_has_every_section(tmp_path: Path, capsys):
     assert set(cases) == {*mine, *others, "timer"}
     for case in [*mine, *others]:
         assert cases[case]["n"] == 3 * 20
+        assert 0 <= cases[case]["median"] <= cases[case]["p99"]
         # A compiled call with nobody subscribed costs about what the timer
-        # subtracted, so its net median may round to 0; its p99 may not.
-        assert 0 <= cases[case]["median"] <= cases[case]["p99"] and cases[case]["p99"] > 0
+        # subtracted, so it may net 0 even at p99; every other case costs more.
+        assert cases[case]["p99"] > 0 or (case.startswith("raise_0") and meta["compiled"])
     assert data["producer_cost"]["bus_totals"]["dropped"] == 0  # timed calls all enqueued
     # Every lane owned: each raise (one untimed per path, then the timed ones) is
     # counted once, and with shared lanes every one of them enqueued.

@@ -83,10 +83,10 @@ def median(values: Iterable[float]) -> float:
     return percentile(values, 50)
 
 
-def summarize(values: Iterable[float], offset: float = 0.0) -> dict[str, float]:
-    """n, mean, median, p99, p99.9, min and max of ``values`` minus ``offset``
+def summarize(values: Iterable[float]) -> dict[str, float]:
+    """n, mean, median, p99, p99.9, min and max of ``values``
     (NaN for all but n when there are none)."""
-    data = sorted(v - offset for v in values)
+    data = sorted(values)
     if not data:
         return {k: math.nan for k in ("median", "p99", "p999", "mean", "min", "max")} | {"n": 0}
     return {
