@@ -19,6 +19,10 @@ SENDERS = 1  # sender worker processes
 MAX_EVENTS = 256  # events that can be declared
 MAX_SUBS = 1024  # subscriptions at once, all events together
 TABLE_BYTES = 256 * 1024  # the hub's published subscription table
+# Broker (rabbitmq:) destinations served at once: one relay process each,
+# fed by a hand-off lane of HANDOFF_SIZE bytes from every sender.
+RELAYS = 4
+HANDOFF_SIZE = 1 << 20
 
 # -- senders ---------------------------------------------------------------
 BACKLOG = 16384  # datagrams one destination may have waiting (UNIX EAGAIN)

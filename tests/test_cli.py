@@ -224,7 +224,7 @@ def test_listen_destination(tmp_path: Path):
     ("argv", "problem"),
     [
         (["subscribe", "E_X", "udp:1.2.3.4"], "missing port"),
-        (["subscribe", "E_X", "tcp:1.2.3.4:5"], "unknown scheme"),
+        (["subscribe", "E_X", "sctp:1.2.3.4:5"], "unknown scheme"),
         (["unsubscribe", "E_X", "relative.sock"], "unknown scheme"),
         (["subscribers", "E_X", "udp:1.2.3.4:99999"], "out of range"),
         (["listen", "udp:127.0.0.1:0"], "out of range"),

@@ -231,7 +231,7 @@ def test_ipv6_sockaddr_is_accepted_by_connect():
         ("unix:@", "empty abstract socket name"),
         ("unix:tmp/x.sock", "not absolute"),
         ("unix:./x.sock", "not absolute"),
-        ("tcp:127.0.0.1:8081", "unknown scheme 'tcp' (expected udp: or unix:)"),
+        ("sctp:127.0.0.1:8081", "unknown scheme 'sctp' (expected udp:, unix:, tcp:, rabbitmq: or"),
         ("http://example.com/", "unknown scheme 'http'"),
         (":8081", "unknown scheme ''"),
         ("localhost:8081", "unknown scheme 'localhost'"),
@@ -253,7 +253,7 @@ def test_errors(text, fragment):
 
 def test_error_is_a_value_error():
     with pytest.raises(ValueError):
-        parse_destination("tcp:x:1")
+        parse_destination("sctp:x:1")
 
 
 @pytest.mark.parametrize("value", [None, b"udp:127.0.0.1:8081", 8081, ["/tmp/x"]])

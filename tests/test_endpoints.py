@@ -29,12 +29,12 @@ from mpevent.processes.sender.accounts import (
 )
 from mpevent.processes.sender.backlog import ENTRY_OVERHEAD, BacklogBudget, BacklogLimits
 from mpevent.processes.sender.batch import LaneBatch
-from mpevent.processes.sender.endpoints import DatagramEndpoint, open_endpoint
+from mpevent.processes.sender.endpoints import DatagramEndpoint
 from mpevent.processes.sender.mmsg import Outbox, address_of
+from mpevent.processes.sender.transports import Transports
 from mpevent.protocol.config import ConfigError, load
 from mpevent.protocol.destination import Destination, parse_destination
 from mpevent.protocol.payload import Notification
-from mpevent.protocol.registry import Route
 from mpevent.shm.layout import D_DROPPED, D_FAILED, D_ID, D_PENDING, D_ROUTED, D_SENT, Geometry
 from mpevent.shm.segment import Segment
 
@@ -82,8 +82,8 @@ def stuck(tmp_path: Path) -> Iterator[list[Stuck]]:
 
 
 def stats_for(seg: Segment, slot: int, dest: Destination) -> SubscriptionStats:
-    route = Route(slot, 100 + slot, 0, dest.kind, dest.family, dest.host, dest.port, 0)
-    return SubscriptionStats(seg, 0, route)
+    """The counters sender 0 keeps for a subscription to ``dest`` in ``slot``."""
+    return SubscriptionStats(seg, 0, slot, 100 + slot)
 
 
 def batch_of(outbox: Outbox, bodies: list[bytes]) -> tuple[LaneBatch, list[bytes]]:
@@ -176,7 +176,7 @@ def test_sender_bound_is_shared_by_all_its_backlogs(seg, stuck) -> None:
     charge = len(expected[0]) + ENTRY_OVERHEAD
     limits = BacklogLimits(backlog=1000, backlog_bytes=4 * charge, sender_backlog_bytes=10 * charge)
     budget = BacklogBudget(limits.sender_backlog_bytes)
-    endpoints = [open_endpoint(rx.dest, limits, budget) for rx in stuck]
+    endpoints = [Transports(limits, budget).open(rx.dest) for rx in stuck]
     counters = [stats_for(seg, i, rx.dest) for i, rx in enumerate(stuck)]
     for ep, st in zip(endpoints, counters, strict=True):
         ep.send(batch, range(30), st)

@@ -241,6 +241,42 @@ def test_event_subscribe_bad_socket_or_event(hub, form):
     assert list(hub.registry.subscriptions()) == []
 
 
+def test_event_subscribe_takes_every_transport_and_masks_passwords(hub):
+    hub.registry = Registry(8, 16, max_relays=1)
+    hub.registry.declare("E_A")
+    broker = "rabbitmq:bob:s3cret@127.0.0.1/exchange=ev;persistent?key"
+    for sock in (
+        "tcp:127.0.0.1:9000/method;reliable;timeout=500",
+        broker,
+        f"virtual:FAILOVER tcp:127.0.0.1:9001\t{broker}  udp:127.0.0.1:9002",
+    ):
+        assert ok(hub, "event_subscribe", ["E_A", sock]) == "OK", sock
+    listed = ok(hub, "subscribers_list", ["E_A"])["Event"]["Subscribers"]
+    sockets = [s["socket"] for s in listed]
+    assert sockets == [
+        "tcp:127.0.0.1:9000/method;reliable;timeout=500",
+        "rabbitmq:bob:***@127.0.0.1:5672/exchange=ev;persistent?key",
+        "virtual:FAILOVER tcp:127.0.0.1:9001 rabbitmq:bob:***@127.0.0.1:5672/exchange=ev;"
+        "persistent?key udp:127.0.0.1:9002",
+    ]
+    assert "s3cret" not in str(ok(hub, "subscribers_list", []))
+    # The one relay serves that broker destination, for both subscriptions; another is refused.
+    code, msg = err(hub, "event_subscribe", ["E_A", "rabbitmq:127.0.0.1/other"])
+    assert code == 400 and "segment.relays" in msg
+    # Unsubscribing by the full socket (password included) finds it.
+    assert ok(hub, "event_subscribe", ["E_A", broker, 0]) == "OK"
+    assert len(list(hub.registry.subscriptions())) == 2
+    # Bad sockets of the new kinds name their problem, and never echo a password.
+    for sock, problem in (
+        ("tcp:127.0.0.1:9000;fast", "fast"),
+        ("rabbitmq:bob:s3cret@127.0.0.1", "routing"),
+        ("virtual:parallel udp:127.0.0.1:9", "uppercase"),
+        ("tcp:10.1.2.3:9000", "allowed networks"),
+    ):
+        code, msg = err(hub, "event_subscribe", ["E_A", sock])
+        assert code == 400 and problem in msg and "s3cret" not in msg, (sock, msg)
+
+
 def test_event_subscribe_undone_when_the_table_does_not_fit(hub):
     sock = "udp:127.0.0.1:9000"
     hub.fail_stores = 1

@@ -47,7 +47,7 @@ class Factories:
 
 
 def sub(slot: int, sub_id: int, event_id: int, dest: Destination, deadline_ns: int = 0) -> Route:
-    return Route(slot, sub_id, event_id, dest.kind, dest.family, dest.host, dest.port, deadline_ns)
+    return Route(slot, sub_id, event_id, dest.spec(), deadline_ns)
 
 
 def reroute(

@@ -12,6 +12,8 @@ configuration it has). Example::
     lane_size = 1048576     # bytes, a power of two
     overflow_lanes = 4      # shared lanes for producer processes beyond `lanes`
     senders = 1
+    relays = 4              # broker (rabbitmq:) destinations at once, a relay process each
+    handoff_size = 1048576  # bytes per sender x relay hand-off lane, a power of two
     backlog = 16384                  # datagrams one slow destination may keep waiting
     backlog_bytes = 4194304          # bytes one destination may keep waiting
     sender_backlog_bytes = 67108864  # bytes all of one sender's backlogs may keep
@@ -76,6 +78,8 @@ class SegmentSection(_Strict):
     lane_size: int = defaults.LANE_SIZE
     overflow_lanes: int = defaults.OVERFLOW_LANES
     senders: int = defaults.SENDERS
+    relays: int = defaults.RELAYS
+    handoff_size: int = defaults.HANDOFF_SIZE
     max_events: int = defaults.MAX_EVENTS
     max_subs: int = defaults.MAX_SUBS
     backlog: int = defaults.BACKLOG
@@ -183,6 +187,8 @@ def _validate(c: FileConfig, where: str) -> ServeConfig:
             lane_size=seg.lane_size,
             overflow_lanes=seg.overflow_lanes,
             senders=seg.senders,
+            relays=seg.relays,
+            handoff_size=seg.handoff_size,
             max_events=seg.max_events,
             max_subs=seg.max_subs,
         )

@@ -1,13 +1,16 @@
 """Where event traffic may go: the destination allow-list (pure).
 
 Whoever can reach the MI can subscribe a socket, and every event then goes
-there. Without a limit, MI access would be a way to aim datagrams at any
-host. So UDP destinations must lie in an allowed network (default: loopback
-only), and UNIX destinations, optionally, under an allowed path prefix
-(default: any path; the file system's permissions already guard UNIX
-sockets). A refused subscription gets an error naming the setting that
-would allow it. Subscriptions from the configuration file follow the same
-rule.
+there. Without a limit, MI access would be a way to aim traffic at any host.
+So every destination with a host -- UDP, TCP (event_stream) and RabbitMQ
+brokers alike -- must lie in an allowed network (default: loopback only),
+and UNIX destinations, optionally, under an allowed path prefix (default:
+any path; the file system's permissions already guard UNIX sockets). A
+virtual destination is allowed only if every one of its members is. A
+refused subscription gets an error naming the destination (as ``str``
+prints it: a broker password masked), the member at fault, and the setting
+that would allow it. Subscriptions from the configuration file follow the
+same rule.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ LOOPBACK: tuple[Network, ...] = (
 )
 NETWORKS_SETTING = "security.allowed_networks"
 PREFIXES_SETTING = "security.unix_path_prefixes"
+# The kinds whose host is an IP address, checked against the allowed networks.
+HOST_KINDS = frozenset({"udp", "tcp", "rabbitmq"})
 
 
 class DestinationRefused(ValueError):
@@ -55,19 +60,37 @@ class DestinationPolicy:
         return cls(nets, prefixes)
 
     def check(self, dest: Destination) -> None:
-        """Raise :class:`DestinationRefused` unless ``dest`` is allowed."""
-        if dest.kind == "udp":
+        """Raise :class:`DestinationRefused` unless ``dest`` (every member of
+        a virtual one) is allowed."""
+        if not dest.members():
+            raise DestinationRefused(f"destination {dest} has no members to check")
+        for member in dest.members():
+            problem = self._refusal(member)
+            if problem is not None:
+                where = f"destination {dest}"
+                if member is not dest:
+                    where = f"member {member} of destination {dest}"
+                raise DestinationRefused(f"{where} {problem}")
+
+    def _refusal(self, dest: Destination) -> str | None:
+        """Why ``dest`` (never virtual) is refused, or None when it is allowed."""
+        if dest.kind in HOST_KINDS:
             ip = ipaddress.ip_address(dest.host)
             if not any(ip in net for net in self.networks):
                 allowed = ", ".join(str(n) for n in self.networks) or "none"
-                raise DestinationRefused(
-                    f"destination {dest} is outside the allowed networks ({allowed}); "
+                return (
+                    f"is outside the allowed networks ({allowed}); "
                     f"add its network to {NETWORKS_SETTING} to allow it"
                 )
-        elif self.unix_prefixes and not dest.host.startswith("\0"):
+            return None
+        if dest.kind != "unix":
+            # Fail closed: a kind this policy does not know is never let through.
+            return f"is of a kind ({dest.kind!r}) the allow-list cannot check"
+        if self.unix_prefixes and not dest.host.startswith("\0"):
             path = PurePosixPath(os.path.normpath(dest.host))  # no escaping by ".."
             if not any(path.is_relative_to(prefix) for prefix in self.unix_prefixes):
-                raise DestinationRefused(
-                    f"destination {dest} is not under an allowed path "
+                return (
+                    f"is not under an allowed path "
                     f"({', '.join(self.unix_prefixes)}); add a prefix to {PREFIXES_SETTING}"
                 )
+        return None

@@ -18,6 +18,12 @@ Rules, as OpenSIPS:
 Each subscription has a slot (index of its counters in shared memory) and an
 id unique for the life of the registry, so a sender can tell a reused slot
 from the subscription that had it before.
+
+Broker destinations (``rabbitmq:``, alone or as members of a virtual one)
+are published by relay processes, one per destination: the registry gives
+each distinct broker destination a relay slot (``0 .. max_relays - 1``) when
+its first subscription comes, and frees it when its last one goes. A
+subscription that would need a relay when none is free is refused.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from collections.abc import Iterator
 
 import msgspec
 
-from mpevent.protocol.destination import Destination
+from mpevent.protocol.destination import Destination, from_spec
 from mpevent.protocol.payload import check_event_name
 
 DEFAULT_EXPIRE = 3600
@@ -47,15 +53,12 @@ class Route(msgspec.Struct, array_like=True, frozen=True):
     slot: int
     sub_id: int
     event_id: int
-    kind: str
-    family: int
-    host: str
-    port: int
+    socket: str  # the destination's spec(): canonical, secrets included
     deadline_ns: int  # 0: never expires
 
     @property
     def destination(self) -> Destination:
-        return Destination(self.kind, self.family, self.host, self.port)  # type: ignore[arg-type]
+        return from_spec(self.socket)
 
 
 class Snapshot(msgspec.Struct, array_like=True):
@@ -66,6 +69,8 @@ class Snapshot(msgspec.Struct, array_like=True):
     """
 
     routes: list[Route]
+    # By relay slot: the spec() of the broker destination it publishes to; "": free.
+    relays: list[str] = msgspec.field(default_factory=list)
 
 
 class Subscription(msgspec.Struct):
@@ -83,26 +88,26 @@ class Subscription(msgspec.Struct):
         return max(0, (self.deadline_ns - now_ns + NS - 1) // NS)
 
     def route(self) -> Route:
-        d = self.destination
         return Route(
-            self.slot,
-            self.sub_id,
-            self.event_id,
-            d.kind,
-            d.family,
-            d.host,
-            d.port,
-            self.deadline_ns,
+            self.slot, self.sub_id, self.event_id, self.destination.spec(), self.deadline_ns
         )
 
 
 class Registry:
     """Events and subscriptions, with limits fixed by the segment's geometry."""
 
-    def __init__(self, max_events: int, max_subs: int, max_subs_per_event: int | None = None):
+    def __init__(
+        self,
+        max_events: int,
+        max_subs: int,
+        max_subs_per_event: int | None = None,
+        max_relays: int = 0,
+    ):
         self.max_events = max_events
         self.max_subs = max_subs
         self.max_subs_per_event = max_subs_per_event or max_subs
+        # By relay slot: the broker destination it serves, or None.
+        self.relays: list[Destination | None] = [None] * max_relays
         self.events: list[str] = []
         self._event_ids: dict[str, int] = {}
         self._subs: dict[tuple[int, Destination], Subscription] = {}
@@ -163,6 +168,7 @@ class Registry:
                 raise RegistryError(
                     f"all {self.max_subs} subscription slots in use (segment.max_subs)"
                 )
+            self._assign_relays(destination)
             sub = Subscription(
                 self._free_slots.pop(),
                 self._next_sub_id,
@@ -181,6 +187,7 @@ class Registry:
         if sub is None:
             return False
         self._free_slots.append(sub.slot)
+        self._release_relays()
         return True
 
     def expire(self, now_ns: int) -> list[Subscription]:
@@ -189,7 +196,40 @@ class Registry:
         for sub in gone:
             del self._subs[(sub.event_id, sub.destination)]
             self._free_slots.append(sub.slot)
+        if gone:
+            self._release_relays()
         return gone
+
+    # -- broker relays ------------------------------------------------------
+
+    def relay_of(self, destination: Destination) -> int | None:
+        """The relay slot publishing to broker destination ``destination``."""
+        try:
+            return self.relays.index(destination)
+        except ValueError:
+            return None
+
+    def _assign_relays(self, destination: Destination) -> None:
+        """Give each broker destination of ``destination`` a relay, or refuse
+        the subscription (before anything changed) when there are too few."""
+        needed = [m for m in destination.members() if m.relayed and self.relay_of(m) is None]
+        free = [slot for slot, d in enumerate(self.relays) if d is None]
+        if len(needed) > len(free):
+            in_use = len(self.relays) - len(free)
+            raise RegistryError(
+                f"cannot subscribe {destination}: it needs {len(needed)} more broker relay(s), "
+                f"and {in_use} of the {len(self.relays)} (segment.relays) serve other "
+                "broker destinations"
+            )
+        for slot, member in zip(free, needed, strict=False):
+            self.relays[slot] = member
+
+    def _release_relays(self) -> None:
+        """Free the relays no subscription's destination uses any more."""
+        used = {m for sub in self._subs.values() for m in sub.destination.members() if m.relayed}
+        for slot, d in enumerate(self.relays):
+            if d is not None and d not in used:
+                self.relays[slot] = None
 
     def next_deadline(self) -> int | None:
         deadlines = [s.deadline_ns for s in self._subs.values() if s.deadline_ns]
@@ -211,4 +251,7 @@ class Registry:
         return counts
 
     def snapshot(self) -> Snapshot:
-        return Snapshot([s.route() for s in self._subs.values()])
+        return Snapshot(
+            [s.route() for s in self._subs.values()],
+            ["" if d is None else d.spec() for d in self.relays],
+        )

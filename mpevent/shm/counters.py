@@ -20,6 +20,16 @@ in the destination's backlog, stored by its sender), so it is a check, not
 a definition; once the destinations have taken what waited, pending is 0.
 Counters are read without a common snapshot: check them on a quiet bus.
 
+A broker destination's events pass through two processes: its senders
+count ``routed``, ``dropped`` (a full hand-off lane) and ``handed``; its
+relay counts what it took from the hand-off lanes (``relayed``) and their
+fates (``sent`` once the broker confirmed, ``failed``, ``dropped``,
+``pending``). Between the two, ``in_handoff = handed - relayed`` waits in
+the hand-off lanes, and ``pending`` includes it. A virtual subscription's
+figures are its members' (``members``) summed: ``routed`` counts every
+hand-over to a member, so an event that failed over counts in each member
+it tried.
+
 ``no_subscriber`` counts raise_event calls that returned at the probe
 because nobody was subscribed; they are not "raised".
 """
@@ -32,7 +42,9 @@ from mpevent.protocol.registry import Snapshot
 from mpevent.shm.layout import (
     AGE_BUCKETS,
     CONSUMER_COUNTERS,
+    D_HANDED,
     D_ID,
+    D_ROUTED,
     DEST_COUNTERS,
     H_REPAIRED,
     L_CLAIMS,
@@ -85,24 +97,56 @@ def event_counters(seg: Segment) -> dict[str, dict[str, int]]:
     return result
 
 
-def destination_counters(seg: Segment, snapshot: Snapshot | None = None) -> list[dict[str, Any]]:
-    """Per live subscription: sender counters summed over senders."""
+DESTINATION_COUNTERS = (*DEST_COUNTERS, "relayed", "in_handoff")
+
+
+def _member_counters(
+    seg: Segment, slot: int, sub_id: int, member: int, relay: int | None
+) -> dict[str, int]:
+    """One member's counters: its senders' rows, and its relay's row if it has one."""
     words, layout = seg.words, seg.layout
+    sums = dict.fromkeys(DESTINATION_COUNTERS, 0)
+    for sender in range(layout.geometry.senders):
+        w = layout.dest_counter_word(sender, slot, member)
+        if words[w + D_ID] != sub_id:
+            continue  # this sender has not served the subscription yet
+        for i, key in enumerate(DEST_COUNTERS):
+            sums[key] += words[w + i]
+    if relay is not None:
+        w = layout.dest_counter_word(layout.relay_row(relay), slot, member)
+        if words[w + D_ID] == sub_id:
+            for i, key in enumerate(DEST_COUNTERS):
+                if i == D_ROUTED:
+                    sums["relayed"] = words[w + i]
+                elif i != D_HANDED:
+                    sums[key] += words[w + i]
+    sums["in_handoff"] = sums["handed"] - sums["relayed"]
+    sums["pending"] += sums["in_handoff"]
+    return sums
+
+
+def destination_counters(seg: Segment, snapshot: Snapshot | None = None) -> list[dict[str, Any]]:
+    """Per live subscription: its counters summed over the senders (and its
+    relays); a virtual subscription also lists each member's (``members``)."""
     if snapshot is None:
         got = read_snapshot(seg)
         snapshot = got[1] if got else Snapshot([])
     names = event_names(seg)
+    relays = {spec: r for r, spec in enumerate(snapshot.relays) if spec}
     rows = []
     for route in snapshot.routes:
-        sums = dict.fromkeys(DEST_COUNTERS, 0)
-        for sender in range(layout.geometry.senders):
-            w = layout.dest_counter_word(sender, route.slot)
-            if words[w + D_ID] != route.sub_id:
-                continue  # this sender has not served the subscription yet
-            for i, key in enumerate(DEST_COUNTERS):
-                sums[key] += words[w + i]
+        dest = route.destination
+        members = []
+        for m, member in enumerate(dest.members()):
+            relay = relays.get(member.spec()) if member.relayed else None
+            counts = _member_counters(seg, route.slot, route.sub_id, m, relay)
+            members.append({"socket": str(member), **counts})
+        sums = {key: sum(m[key] for m in members) for key in DESTINATION_COUNTERS}
         event = names[route.event_id] if route.event_id < len(names) else str(route.event_id)
-        rows.append({"event": event, "socket": str(route.destination), **sums})
+        row = {"event": event, "socket": str(dest), **sums}
+        if dest.kind == "virtual":
+            row["members"] = members
+        rows.append(row)
     return rows
 
 

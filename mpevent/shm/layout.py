@@ -28,8 +28,22 @@ Region order::
     prod_counters 64 B per lane x event, written by the lane's producer (or,
                   on a shared lane, by whoever holds its lock)
     cons_counters 64 B per lane x event, written by the lane's sender
-    dest_counters 128 B per sender x subscription slot, written by that sender
+    relays        128 B per broker relay slot (pid, connection state, loops)
+    handoffs      192 B per sender x relay: the control blocks of the hand-off lanes
+    dest_counters 128 B per row x subscription slot x member, where the rows
+                  are the senders' then the relays': each row written by its
+                  process alone
     lane_data     lane_size B per lane
+    handoff_data  handoff_size B per sender x relay
+
+Broker destinations (``rabbitmq:``) are published by *relay* processes, one
+per broker destination, never by the senders: a sender hands each event for
+one to that relay's hand-off lane (one per sender and relay, a lane like the
+producers', the sender its producer) and goes on; a full hand-off lane
+drops for that destination alone. A record in a hand-off lane is the
+producer's record (event id, params, raise time) with :data:`HANDOFF_PREFIX`
+bytes before the params: the subscription slot, the member and the
+subscription id it is for.
 """
 
 from __future__ import annotations
@@ -39,10 +53,12 @@ from dataclasses import dataclass
 from mpevent import defaults
 
 MAGIC = 0x3156_4E45_5645_504D  # b"MPEVENV1" little-endian
-LAYOUT_VERSION = 5  # 5: shared overflow lanes after the dedicated ones, no spare block
+LAYOUT_VERSION = 6  # 6: broker relays, hand-off lanes, counter rows per member
 CACHE_LINE = 64
 HEADER_BYTES = 4096
 MAX_SENDERS = 64
+MAX_RELAYS = 64
+MAX_MEMBERS = 8  # destinations of one virtual subscription; counted each on its own
 EVENT_NAME_BYTES = 72  # u64 length + up to 64 bytes of name
 
 # Header words (index into the segment viewed as uint64).
@@ -60,7 +76,9 @@ H_OVERFLOW_LANES = 10
 H_TABLE_GEN = 11
 H_EVENT_COUNT = 12
 H_DRAIN_DEADLINE_NS = 13
+H_RELAYS = 14
 H_REPAIRED = 15  # enqueued counts the hub restored for dead producers
+H_HANDOFF_SIZE = 16
 
 # Bytes 1024..4095 of the header: where attachers find the daemon's MI and
 # doorbells (a length-prefixed JSON object, written before STATE_RUNNING).
@@ -92,6 +110,17 @@ S_PID = 10  # the pid of the sender serving this block, stored when its loop sta
 # bucket everything older. The sender's own share of the latency.
 S_AGE_HIST = 16
 AGE_BUCKETS = 16
+
+# Relay block words (relative to the block), written by the relay serving it.
+RELAY_BLOCK = 2 * CACHE_LINE
+R_PID = 0  # the relay process serving this slot, stored when it starts
+R_CONNECTED = 1  # 1 while its broker connection is open and confirming
+R_CONNECTS = 2  # connections opened so far (1 + reconnects)
+R_LOOPS = 3  # passes of its loop
+R_UNCONFIRMED = 4  # published, not yet confirmed by the broker (now)
+
+# A hand-off record's params are preceded by (slot u32, member u32, sub_id u64).
+HANDOFF_PREFIX = 16
 
 # Lane control words (relative to the lane block); 3 cache lines so that the
 # producer's tail and the consumer's head never share one.
@@ -160,7 +189,16 @@ DEST_COUNTERS = (
     "dropped",
     "econnrefused",
     "enoent",
-    "pending",  # waiting in the destination's backlog now
+    "pending",  # waiting in the destination's backlog, or for a reply or confirm, now
+    # A sender's row, broker destination: handed to the relay's hand-off lane.
+    # Neither sent nor pending in the sender's row: the relay's row counts
+    # their fate, and its ``routed`` is what it took from the hand-off lanes.
+    "handed",
+    # A relay's row: published again after a reconnect, unconfirmed before
+    # (the broker may have them twice: the duplicates the consumer can see).
+    "republished",
+    "stale",  # among the dropped: older than the destination's max_age
+    "timeouts",  # among the failed: no reply in time (tcp reliable mode)
 )
 D_ROUTED = DEST_COUNTERS.index("routed")
 D_SENT = DEST_COUNTERS.index("sent")
@@ -170,6 +208,10 @@ D_DROPPED = DEST_COUNTERS.index("dropped")
 D_ECONNREFUSED = DEST_COUNTERS.index("econnrefused")
 D_ENOENT = DEST_COUNTERS.index("enoent")
 D_PENDING = DEST_COUNTERS.index("pending")
+D_HANDED = DEST_COUNTERS.index("handed")
+D_REPUBLISHED = DEST_COUNTERS.index("republished")
+D_STALE = DEST_COUNTERS.index("stale")
+D_TIMEOUTS = DEST_COUNTERS.index("timeouts")
 D_ID = len(DEST_COUNTERS)  # the word after them: the subscription these counters belong to
 
 
@@ -203,6 +245,8 @@ class Geometry:
     max_subs: int = defaults.MAX_SUBS
     table_bytes: int = defaults.TABLE_BYTES
     overflow_lanes: int = defaults.OVERFLOW_LANES  # shared lanes after the dedicated ones
+    relays: int = defaults.RELAYS  # broker destinations served at once, one relay process each
+    handoff_size: int = defaults.HANDOFF_SIZE  # bytes per sender x relay hand-off lane
 
     def __post_init__(self) -> None:
         _check_range("lanes", self.lanes, 1, 4096)
@@ -214,11 +258,21 @@ class Geometry:
         _check_range("max_subs", self.max_subs, 1, 1 << 20)
         _check_range("table_bytes", self.table_bytes, 4096, 1 << 30)
         _check_range("overflow_lanes", self.overflow_lanes, 1, 256)
+        _check_range("relays", self.relays, 0, MAX_RELAYS)
+        # At least twice the largest notification: any record fits an empty lane.
+        _check_range("handoff_size", self.handoff_size, 1 << 17, 1 << 30)
+        if self.handoff_size & (self.handoff_size - 1):
+            raise ValueError(f"handoff_size must be a power of two, got {self.handoff_size}")
 
     @property
     def ring_lanes(self) -> int:
         """Every lane, dedicated and shared: what senders drain and counters sum."""
         return self.lanes + self.overflow_lanes
+
+    @property
+    def counter_rows(self) -> int:
+        """Destination counter rows: one per sender, then one per relay."""
+        return self.senders + self.relays
 
 
 def _check_range(name: str, value: object, lo: int, hi: int) -> None:
@@ -242,6 +296,9 @@ class Layout:
     cons_counters_at: int
     dest_counters_at: int
     lane_data_at: int
+    relays_at: int
+    handoffs_at: int
+    handoff_data_at: int
     size: int
 
     @classmethod
@@ -261,10 +318,15 @@ class Layout:
         at += g.ring_lanes * g.max_events * COUNTER_WORDS * 8
         cons_counters_at = at
         at += g.ring_lanes * g.max_events * COUNTER_WORDS * 8
+        relays_at = at
+        at += MAX_RELAYS * RELAY_BLOCK
+        handoffs_at = at
+        at += g.senders * g.relays * LANE_BLOCK_WORDS * 8
         dest_counters_at = at
-        at += g.senders * g.max_subs * DEST_COUNTER_WORDS * 8
+        at += g.counter_rows * g.max_subs * MAX_MEMBERS * DEST_COUNTER_WORDS * 8
         lane_data_at = _align(at, 4096)
-        size = lane_data_at + g.ring_lanes * g.lane_size
+        handoff_data_at = lane_data_at + g.ring_lanes * g.lane_size
+        size = handoff_data_at + g.senders * g.relays * g.handoff_size
         return cls(
             g,
             senders_at,
@@ -276,6 +338,9 @@ class Layout:
             cons_counters_at,
             dest_counters_at,
             lane_data_at,
+            relays_at,
+            handoffs_at,
+            handoff_data_at,
             size,
         )
 
@@ -300,9 +365,27 @@ class Layout:
         block = lane * self.geometry.max_events + event_id
         return self.cons_counters_at // 8 + block * COUNTER_WORDS
 
-    def dest_counter_word(self, sender: int, slot: int) -> int:
-        block = sender * self.geometry.max_subs + slot
+    def dest_counter_word(self, row: int, slot: int, member: int = 0) -> int:
+        """The counters of subscription ``slot``'s ``member`` (0 unless it is
+        virtual) in ``row``: a sender's index, or :meth:`relay_row`."""
+        block = (row * self.geometry.max_subs + slot) * MAX_MEMBERS + member
         return self.dest_counters_at // 8 + block * DEST_COUNTER_WORDS
+
+    def relay_row(self, relay: int) -> int:
+        """The counter row relay ``relay`` writes."""
+        return self.geometry.senders + relay
+
+    def relay_word(self, relay: int) -> int:
+        return (self.relays_at + relay * RELAY_BLOCK) // 8
+
+    def handoff_word(self, sender: int, relay: int) -> int:
+        """The control block of the hand-off lane from ``sender`` to ``relay``."""
+        return self.handoffs_at // 8 + (sender * self.geometry.relays + relay) * LANE_BLOCK_WORDS
+
+    def handoff_data(self, sender: int, relay: int) -> int:
+        return self.handoff_data_at + (sender * self.geometry.relays + relay) * (
+            self.geometry.handoff_size
+        )
 
     def lane_sender(self, lane: int) -> int:
         """The sender that drains ``lane``: a fixed assignment, one consumer per lane."""

@@ -44,12 +44,14 @@ import weakref
 from pathlib import Path
 
 from mpevent.shm.layout import (
+    H_HANDOFF_SIZE,
     H_LANE_SIZE,
     H_LANES,
     H_MAGIC,
     H_MAX_EVENTS,
     H_MAX_SUBS,
     H_OVERFLOW_LANES,
+    H_RELAYS,
     H_SENDERS,
     H_TABLE_BYTES,
     H_VERSION,
@@ -150,6 +152,8 @@ class Segment:
         w[H_MAX_SUBS] = geometry.max_subs
         w[H_TABLE_BYTES] = geometry.table_bytes
         w[H_OVERFLOW_LANES] = geometry.overflow_lanes
+        w[H_RELAYS] = geometry.relays
+        w[H_HANDOFF_SIZE] = geometry.handoff_size
         w[H_MAGIC] = MAGIC  # last: an attacher that sees it sees the geometry
         return seg
 
@@ -195,6 +199,8 @@ class Segment:
                     "max_subs": words[H_MAX_SUBS],
                     "table_bytes": words[H_TABLE_BYTES],
                     "overflow_lanes": words[H_OVERFLOW_LANES],
+                    "relays": words[H_RELAYS],
+                    "handoff_size": words[H_HANDOFF_SIZE],
                 }
             finally:
                 words.release()

@@ -13,8 +13,27 @@ Valid until the loop loads the next stretch into the outbox.
 
 from __future__ import annotations
 
-from mpevent.processes.sender.mmsg import Outbox
+import struct
+from typing import NamedTuple
+
+from mpevent.processes.sender.mmsg import INTS_PER_MESSAGE, Outbox
 from mpevent.protocol.payload import Notification
+
+_RAISED = struct.Struct("<Q")  # a record's raise time: the word before its body
+
+
+class Message(NamedTuple):
+    """One event on its own, outliving the batch: what a virtual subscription
+    hands from a member that failed to the next one."""
+
+    event_id: int
+    params: bytes  # the JSON params as raised (empty: none)
+    raised_ns: int  # monotonic ns
+    note: Notification  # the event's notification, for its bytes
+    tries: int = 0  # virtual FAILOVER: members that have failed it so far
+
+    def notification(self) -> bytes:
+        return self.note.build(self.params)
 
 
 class LaneBatch:
@@ -33,3 +52,18 @@ class LaneBatch:
         """Message ``message`` as a datagram of its own."""
         event_id, at, n = self.bodies[message]
         return self.notes[event_id].build(self.outbox.view[at : at + n])
+
+    def message(self, message: int) -> Message:
+        """Message ``message`` as a :class:`Message`, valid after the batch."""
+        event_id, at, n = self.bodies[message]
+        view = self.outbox.view
+        params = bytes(view[at : at + n])
+        return Message(event_id, params, _RAISED.unpack_from(view, at - 8)[0], self.notes[event_id])
+
+    def pack(self, messages: list[int] | range) -> None:
+        """Pack the outbox with ``messages``, in this order, for the endpoints."""
+        pieces, w = self.pieces, INTS_PER_MESSAGE
+        if isinstance(messages, range) and messages == range(len(self.sizes)):
+            self.outbox.pack(pieces)
+            return
+        self.outbox.pack([x for i in messages for x in pieces[i * w : i * w + w]])

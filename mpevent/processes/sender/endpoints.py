@@ -1,11 +1,12 @@
 """Endpoints: one destination each, one class per transport kind.
 
 The sender's loop drives every destination through the small
-:class:`Endpoint` interface; :func:`open_endpoint` picks the class for a
-destination's kind. Today there is one, :class:`DatagramEndpoint` (``udp:``
-and ``unix:``); a stream (``tcp:``) or broker (``rabbitmq:``) endpoint
-implements the same four members and keeps its waiting messages in a
-bounded :class:`~mpevent.processes.sender.backlog.Backlog` too.
+:class:`Endpoint` interface; :mod:`mpevent.processes.sender.transports`
+picks the class for a destination's kind. This module holds the interface
+and :class:`DatagramEndpoint` (``udp:`` and ``unix:``); the stream
+(``tcp:``), hand-off (``rabbitmq:``) and virtual endpoints implement the
+same members in modules of their own, and keep what waits in a bounded
+:class:`~mpevent.processes.sender.backlog.Backlog` too.
 
 What every endpoint promises the loop:
 
@@ -36,15 +37,20 @@ import select
 import socket
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from mpevent.processes.sender import mmsg
-from mpevent.processes.sender.accounts import Ledger
+from mpevent.processes.sender.accounts import Ledger, SubscriptionStats
 from mpevent.processes.sender.backlog import Backlog, BacklogBudget, BacklogLimits
-from mpevent.processes.sender.batch import LaneBatch
+from mpevent.processes.sender.batch import LaneBatch, Message
 from mpevent.protocol.destination import Destination
 
-__all__ = ["BacklogLimits", "DatagramEndpoint", "Endpoint", "open_endpoint"]
+#: Called after a message was counted failed, with the message, its owner
+#: and the errno: how a virtual FAILOVER subscription hands it to its next
+#: member.
+Failed = Callable[[Message, SubscriptionStats, int], None]
+
+__all__ = ["BacklogLimits", "DatagramEndpoint", "Endpoint", "Failed"]
 
 RECONNECT_INTERVAL_NS = 50_000_000
 # A UNIX datagram socket whose peer is gone; a listener may bind the path again.
@@ -79,15 +85,47 @@ class Endpoint(ABC):
     def close(self) -> None:
         """Drop what waits (counted) and release the descriptor."""
 
+    def send_message(self, message: Message, owner: SubscriptionStats) -> None:
+        """Send one message on its own (a virtual subscription's failover),
+        counted like :meth:`send` counts a run of one."""
+        raise NotImplementedError(f"{type(self).__name__} cannot take a message on its own")
+
+    def parts(self) -> tuple[Endpoint, ...]:
+        """The endpoints the loop watches and ticks for this one: itself, or
+        a virtual destination's members (each with its own descriptor)."""
+        return (self,)
+
+    def idle(self) -> bool:
+        """Nothing waits to be sent or answered (a stopping sender may go)."""
+        return self.wants() is None
+
+    def due_ns(self) -> int:
+        """When :meth:`tick` must run next (monotonic ns); 0: never. The loop
+        asks after each call into the endpoint, like :meth:`wants`, and
+        sleeps no longer than the earliest."""
+        return 0
+
+    def tick(self, now_ns: int) -> None:  # noqa: B027 (most endpoints have no timers)
+        """Time has come (see :meth:`due_ns`): reconnect, time replies out."""
+
 
 class DatagramEndpoint(Endpoint):
     """A UDP or UNIX datagram destination: its connected socket and its backlog."""
 
-    __slots__ = ("backlog", "destination", "last_errno", "retry_at", "sock")
+    __slots__ = ("backlog", "destination", "last_errno", "on_failed", "retry_at", "sock")
 
-    def __init__(self, destination: Destination, limits: BacklogLimits, budget: BacklogBudget):
+    def __init__(
+        self,
+        destination: Destination,
+        limits: BacklogLimits,
+        budget: BacklogBudget,
+        on_failed: Failed | None = None,
+    ):
+        """``on_failed``: told of each message of a batch that failed (what
+        failed waiting in the backlog is not: it is kept as bytes only)."""
         self.destination = destination
         self.backlog = Backlog(limits, budget)
+        self.on_failed = on_failed
         self.sock: socket.socket | None = None
         self.last_errno = 0  # why the last send or connect failed
         self.retry_at = 0  # monotonic ns: when to try connecting again
@@ -120,6 +158,7 @@ class DatagramEndpoint(Endpoint):
             return
         if not self._connected():
             ledger.count_failed(0, count, self.last_errno)
+            self._hand_over(batch, messages, 0, ledger, self.last_errno)
             return
         sock = self.sock
         outbox = batch.outbox if mmsg.AVAILABLE else None
@@ -137,15 +176,58 @@ class DatagramEndpoint(Endpoint):
             except OSError as exc:
                 code = exc.errno or errno.EIO
                 ledger.owner(k).fail(code)
+                if self.on_failed is not None:
+                    self.on_failed(batch.message(messages[k]), ledger.owner(k), code)
                 self._failed(code)
                 k += 1
                 if not self._connected():
                     ledger.count_failed(k, count, self.last_errno)  # the listener is gone for now
+                    self._hand_over(batch, messages, k, ledger, self.last_errno)
                     return
                 sock = self.sock
                 continue
             ledger.count_sent(batch.sizes, messages, k, k + went)
             k += went
+
+    def _hand_over(
+        self, batch: LaneBatch, messages: Sequence[int], start: int, ledger: Ledger, code: int
+    ) -> None:
+        """Tell ``on_failed`` of messages ``start..`` (counted failed already)."""
+        if self.on_failed is not None:
+            for k in range(start, len(messages)):
+                self.on_failed(batch.message(messages[k]), ledger.owner(k), code)
+
+    def send_message(self, message: Message, owner: SubscriptionStats) -> None:
+        owner.routed += 1
+        datagram = message.notification()
+        if self.backlog.datagrams:
+            if self.backlog.room(len(datagram)):
+                self.backlog.push(datagram, owner)
+            else:
+                owner.dropped += 1
+            return
+        if not self._connected():
+            owner.fail(self.last_errno)
+            if self.on_failed is not None:
+                self.on_failed(message, owner, self.last_errno)
+            return
+        try:
+            self.sock.send(datagram)  # type: ignore[union-attr]
+        except BlockingIOError:
+            if self.backlog.room(len(datagram)):
+                self.backlog.push(datagram, owner)
+            else:
+                owner.dropped += 1
+            return
+        except OSError as exc:
+            code = exc.errno or errno.EIO
+            owner.fail(code)
+            self._failed(code)
+            if self.on_failed is not None:
+                self.on_failed(message, owner, code)
+            return
+        owner.sent += 1
+        owner.bytes += len(datagram)
 
     def _keep(self, batch: LaneBatch, messages: Sequence[int], start: int, ledger: Ledger) -> None:
         """Keep messages ``start..`` as datagrams until the socket is writable.
@@ -211,14 +293,3 @@ class DatagramEndpoint(Endpoint):
         if self.sock is not None:
             self.sock.close()
             self.sock = None
-
-
-_KINDS: dict[str, type[DatagramEndpoint]] = {"udp": DatagramEndpoint, "unix": DatagramEndpoint}
-
-
-def open_endpoint(
-    destination: Destination, limits: BacklogLimits, budget: BacklogBudget
-) -> Endpoint:
-    """The endpoint of ``destination``'s transport; its backlog is bounded by
-    ``limits`` and shares ``budget`` with the sender's other endpoints."""
-    return _KINDS[destination.kind](destination, limits, budget)

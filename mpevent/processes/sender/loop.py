@@ -35,19 +35,20 @@ import os
 import select
 import time
 from collections import Counter
-from functools import partial
 
 from mpevent.processes.sender import mmsg
 from mpevent.processes.sender.accounts import (
+    GroupStats,
     PerMessage,
     SubscriptionStats,
     drop_predecessor_backlogs,
 )
 from mpevent.processes.sender.backlog import BacklogBudget, BacklogLimits
 from mpevent.processes.sender.batch import LaneBatch
-from mpevent.processes.sender.endpoints import Endpoint, open_endpoint
-from mpevent.processes.sender.mmsg import INTS_PER_MESSAGE, STRETCH_BYTES, Outbox, address_of
+from mpevent.processes.sender.endpoints import Endpoint
+from mpevent.processes.sender.mmsg import STRETCH_BYTES, Outbox, address_of
 from mpevent.processes.sender.routing import Routing, route
+from mpevent.processes.sender.transports import Transports
 from mpevent.protocol.payload import MAX_DATAGRAM, Notification
 from mpevent.protocol.registry import Route
 from mpevent.shm.doorbell import MAX_SLEEP, Doorbell
@@ -88,7 +89,8 @@ _CLOSE = b"}"  # the last piece of every datagram with params
 CLOSE_AT = address_of(_CLOSE)
 assert BATCH <= mmsg.MAX_MESSAGES  # a batch's messages fit one outbox
 
-EventRoutes = list[list[tuple[Endpoint, SubscriptionStats]]]
+Counters = SubscriptionStats | GroupStats  # a virtual subscription's: one per member
+EventRoutes = list[list[tuple[Endpoint, Counters]]]
 
 
 class Sender:
@@ -135,10 +137,10 @@ class Sender:
         # its notification's prefix and of its datagram without params (the
         # note keeps them alive).
         self.prefixes: list[tuple[int, int, int, int]] = []
-        self.routing: Routing[Endpoint, SubscriptionStats] = Routing()
+        self.routing: Routing[Endpoint, Counters] = Routing()
         self.routes: EventRoutes = []  # self.routing.by_event, for the hot path
-        self._open_endpoint = partial(open_endpoint, limits=limits, budget=self.budget)
-        self._open_counters = partial(SubscriptionStats, seg, index)
+        self.transports = Transports(limits, self.budget, seg, index)
+        self._open_endpoint = self.transports.open
         # The poll registry: the doorbell, and each endpoint that waits for
         # its descriptor. select.poll keeps no kernel state, so a descriptor
         # an endpoint closed and reopened under the same number needs no
@@ -148,6 +150,8 @@ class Sender:
         self.poller.register(doorbell.read_fd, select.POLLIN)
         self.waiting: dict[int, Endpoint] = {}  # descriptor -> the endpoint waiting on it
         self.watched: dict[Endpoint, tuple[int, int]] = {}  # endpoint -> its registration
+        self.writers = 0  # registrations that wait for POLLOUT: the loop must not nap
+        self.timed: dict[Endpoint, int] = {}  # endpoint -> when its tick is due (monotonic ns)
         self.outbox = Outbox()
 
     # -- subscription table ---------------------------------------------
@@ -161,6 +165,7 @@ class Sender:
             return  # the hub is writing; try again next loop
         self.table_gen, snap = got
         self.table = snap.routes
+        self.transports.relays = {spec: r for r, spec in enumerate(snap.relays) if spec}
         for name in event_names(self.seg, len(self.notes)):
             note = Notification(name)
             self.notes.append(note)
@@ -181,35 +186,74 @@ class Sender:
         for ep in closed:
             self._unwatch(ep)
             ep.close()  # what waited is dropped, and counted
+            self._forget(ep)
         for stats in retired:
             stats.store(self.words)
+        for dest, ep in routing.endpoints.items():
+            if dest not in self.routing.endpoints:
+                self._watch(ep)  # a new one may be connecting already
         self.routing = routing
         self.routes = routing.by_event
 
-    # -- the poll registry -------------------------------------------------
+    def _open_counters(self, r: Route) -> Counters:
+        members = len(r.destination.members())
+        if r.destination.kind == "virtual":
+            return GroupStats(self.seg, self.index, r.slot, r.sub_id, members)
+        return SubscriptionStats(self.seg, self.index, r.slot, r.sub_id)
 
-    def _watch(self, ep: Endpoint) -> None:
-        """Register what ``ep`` waits for now, if that changed."""
-        want = ep.wants()
-        had = self.watched.get(ep)
-        if want == had:
-            return
-        if had is not None:
-            self._unwatch(ep)
-        if want is not None:
-            fd, events = want
-            stale = self.waiting.get(fd)
-            if stale is not None:  # it closed this descriptor, whose number is ep's now
-                del self.watched[stale]
-            self.waiting[fd] = ep
-            self.watched[ep] = want
-            self.poller.register(fd, events)
+    # -- the poll registry and the timers -----------------------------------
 
-    def _unwatch(self, ep: Endpoint) -> None:
+    def _watch(self, endpoint: Endpoint) -> None:
+        """Register what ``endpoint`` (each of its parts) waits for now, and
+        when its tick is due, if that changed."""
+        for ep in endpoint.parts():
+            due = ep.due_ns()
+            if due:
+                self.timed[ep] = due
+            elif self.timed:
+                self.timed.pop(ep, None)
+            want = ep.wants()
+            had = self.watched.get(ep)
+            if want == had:
+                continue
+            if had is not None:
+                self._unwatch_part(ep)
+            if want is not None:
+                fd, events = want
+                stale = self.waiting.get(fd)
+                if stale is not None:  # it closed this descriptor, whose number is ep's now
+                    self._unwatch_part(stale)
+                self.waiting[fd] = ep
+                self.watched[ep] = want
+                if events & select.POLLOUT:
+                    self.writers += 1
+                self.poller.register(fd, events)
+
+    def _unwatch(self, endpoint: Endpoint) -> None:
+        for ep in endpoint.parts():
+            self._unwatch_part(ep)
+
+    def _unwatch_part(self, ep: Endpoint) -> None:
         had = self.watched.pop(ep, None)
-        if had is not None and self.waiting.get(had[0]) is ep:
+        if had is None:
+            return
+        if had[1] & select.POLLOUT:
+            self.writers -= 1
+        if self.waiting.get(had[0]) is ep:
             del self.waiting[had[0]]
             self.poller.unregister(had[0])
+
+    def _forget(self, endpoint: Endpoint) -> None:
+        for ep in endpoint.parts():
+            self.timed.pop(ep, None)
+
+    def _tick_due(self, now: int) -> None:
+        """Tick the endpoints whose time has come (reconnects, reply timeouts)."""
+        for ep, due in list(self.timed.items()):
+            if due <= now:
+                ep.tick(now)
+                self._watch(ep)
+        self.store_counters()
 
     def _poll(self, timeout_ms: float) -> None:
         """Wait for the doorbell or for waiting endpoints; let those go on."""
@@ -316,12 +360,12 @@ class Sender:
             outbox.pack(batch.pieces)
             everything = range(len(ids))
             for ep, stats in routes[ids[0]]:
-                ep.send(batch, everything, stats)
+                ep.send(batch, everything, stats)  # type: ignore[arg-type]
                 stats.store(words)
-                if watched or ep.wants() is not None:
+                if watched or self.timed or ep.wants() is not None or ep.due_ns():
                     self._watch(ep)
             return
-        runs: dict[Endpoint, tuple[list[int], list[SubscriptionStats]]] = {}
+        runs: dict[Endpoint, tuple[list[int], list[Counters]]] = {}
         for i, event_id in enumerate(ids):
             for ep, stats in routes[event_id]:
                 run = runs.get(ep)
@@ -330,19 +374,17 @@ class Sender:
                 else:
                     run[0].append(i)
                     run[1].append(stats)
-        pieces = batch.pieces
-        touched: set[SubscriptionStats] = set()
-        w = INTS_PER_MESSAGE
+        touched: set[Counters] = set()
         for ep, (messages, owners) in runs.items():
-            outbox.pack([x for i in messages for x in pieces[i * w : i * w + w]])
+            batch.pack(messages)
             first = owners[0]
             if owners.count(first) == len(owners):  # one subscription's run
-                ep.send(batch, messages, first)
+                ep.send(batch, messages, first)  # type: ignore[arg-type]
                 touched.add(first)
             else:
-                ep.send(batch, messages, PerMessage(owners))
+                ep.send(batch, messages, PerMessage(owners))  # type: ignore[arg-type]
                 touched.update(owners)
-            if watched or ep.wants() is not None:
+            if watched or self.timed or ep.wants() is not None or ep.due_ns():
                 self._watch(ep)
         # Only the subscriptions this batch used: with many subscribers,
         # storing all of them after every small batch would dominate.
@@ -400,6 +442,8 @@ class Sender:
             taken = self.drain_once()
             if self.waiting:
                 self._poll(0)
+            if self.timed and now >= min(self.timed.values()):
+                self._tick_due(now)
             words[me + S_LOOPS] += 1
             stopping = self._should_stop(now)
             if stopping and now > words[H_DRAIN_DEADLINE_NS]:
@@ -411,7 +455,7 @@ class Sender:
                 self._refresh_active(now)  # a lane claimed a moment ago counts too
                 if self.drain_once():
                     continue
-                if not self.waiting:
+                if all(ep.idle() for ep in self.routing.endpoints.values()):
                     break
                 if not idle_since:
                     idle_since = now
@@ -421,6 +465,7 @@ class Sender:
         for ep in self.routing.endpoints.values():
             self._unwatch(ep)
             ep.close()
+            self._forget(ep)
         self.store_counters()
         return 0
 
@@ -446,11 +491,17 @@ class Sender:
         # syscall), and the sender takes them in batches instead of reading
         # each lane's tail line right behind the producer writing it (which
         # would cost the producer a cache miss per event). Not while an
-        # endpoint waits for its socket: then poll() must wait for it.
+        # endpoint waits for its socket to be writable: then poll() must
+        # wait for it. Endpoints that only watch for input (a stream's
+        # replies, a closed connection) are polled between naps.
         active = [reader for _, reader in self.active]
-        if not self.waiting:
+        if not self.writers:
             for _ in range(NAPS):
                 time.sleep(NAP)
+                if self.waiting:
+                    self._poll(0)
+                    if self.writers:
+                        break
                 for reader in active:
                     if reader.pending():
                         return
@@ -462,6 +513,9 @@ class Sender:
             return
         timeout = MAX_SLEEP * 1000
         deadline = self.routing.next_deadline_ns
+        if self.timed:
+            due = min(self.timed.values())
+            deadline = min(deadline, due) if deadline else due
         if deadline:
             timeout = min(timeout, max(0.0, (deadline - time.monotonic_ns()) / 1e6))
         self._poll(timeout)

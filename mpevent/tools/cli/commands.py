@@ -3,7 +3,8 @@
 This module owns what a subcommand does: the MI calls through the chosen
 client (a socket error on the way counts as no answer from the hub), printing
 tables or JSON, the ``stats --watch`` loop, the ``listen`` socket (bound here,
-and its UNIX socket file removed on exit only if it is still the one bound),
+and its UNIX socket file removed on exit only if it is still the one bound;
+for ``tcp:`` a listener whose connections' streams are split into JSON texts),
 and handing ``demo``, ``bench`` and ``serve`` to the programs that do them.
 Each function takes the :class:`argparse.Namespace` and returns an exit code;
 the text they parse and print is :mod:`mpevent.tools.cli.text`.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import select
 import signal
 import socket
 import sys
@@ -26,6 +28,7 @@ import orjson
 
 from mpevent.api.client import MIUnavailable
 from mpevent.protocol.destination import Destination
+from mpevent.protocol.jsonstream import JsonSplitter, JsonStreamError
 from mpevent.tools.cli.text import (
     EXIT_CALL_ERROR,
     EXIT_OK,
@@ -42,6 +45,7 @@ from mpevent.tools.cli.text import (
     process_rows,
     stat_rates,
     stats_table,
+    stream_reply,
     subscriber_rows,
 )
 from mpevent.tools.figures import format_table
@@ -220,28 +224,133 @@ def _bind_listener(dest: Destination) -> tuple[socket.socket, Path | None]:
     return sock, created
 
 
+def _show_received(data: bytes, raw: bool) -> None:
+    """One notification as ``listen`` prints it: a line, or the bytes as received."""
+    out = getattr(sys.stdout, "buffer", None)
+    if not raw:
+        print(format_notification(data, time.time()), flush=True)
+    elif out is not None:
+        out.write(data + b"\n")
+        out.flush()
+    else:
+        sys.stdout.write(data.decode("utf-8", "replace") + "\n")
+        sys.stdout.flush()
+
+
+class _StreamConnection:
+    """One connection ``listen tcp:`` accepted: its stream's splitter, replies to write."""
+
+    def __init__(self, sock: socket.socket, peer: str) -> None:
+        self.sock = sock
+        self.peer = peer
+        self.splitter = JsonSplitter()
+        self.replies = bytearray()
+
+    def flush(self) -> None:
+        if self.replies:
+            try:
+                went = self.sock.send(self.replies)
+            except BlockingIOError:
+                return
+            except OSError:
+                went = len(self.replies)  # gone: the next read sees it
+            del self.replies[:went]
+
+
+def _listen_stream(dest: Destination, count: int | None, raw: bool) -> int:
+    """``listen tcp:HOST:PORT``: accept connections, print each JSON text that
+    arrives, answer requests (see :func:`~mpevent.tools.cli.text.stream_reply`)."""
+    listener = socket.socket(dest.family, socket.SOCK_STREAM)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(dest.sockaddr)
+        listener.listen(64)
+    except OSError as exc:
+        listener.close()
+        raise UsageError(f"cannot listen on {dest}: {exc.strerror or exc}") from None
+    listener.setblocking(False)
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main else None
+    poller = select.poll()
+    poller.register(listener, select.POLLIN)
+    connections: dict[int, _StreamConnection] = {}
+
+    def drop(conn: _StreamConnection) -> None:
+        poller.unregister(conn.sock)
+        del connections[conn.sock.fileno()]
+        conn.sock.close()
+
+    try:
+        print(f"mpevent: listening on {dest} (Ctrl-C to stop)", file=sys.stderr, flush=True)
+        received = 0
+        while count is None or received < count:
+            for fd, revents in poller.poll():
+                if fd == listener.fileno():
+                    try:
+                        sock, address = listener.accept()
+                    except BlockingIOError:
+                        continue
+                    sock.setblocking(False)
+                    peer = f"{address[0]}:{address[1]}"
+                    connections[sock.fileno()] = _StreamConnection(sock, peer)
+                    poller.register(sock, select.POLLIN)
+                    continue
+                conn = connections.get(fd)
+                if conn is None:
+                    continue
+                conn.flush()
+                if revents & (select.POLLIN | select.POLLHUP | select.POLLERR):
+                    try:
+                        data = conn.sock.recv(MAX_RECV)
+                    except BlockingIOError:
+                        continue
+                    except OSError:
+                        data = b""
+                    if not data:
+                        drop(conn)
+                        continue
+                    try:
+                        texts = conn.splitter.feed(data)
+                    except JsonStreamError as exc:
+                        print(f"mpevent: from {conn.peer}: {exc}; closed", file=sys.stderr)
+                        drop(conn)
+                        continue
+                    for text in texts:
+                        if count is not None and received >= count:
+                            break
+                        received += 1
+                        _show_received(text, raw)
+                        conn.replies += stream_reply(text) or b""
+                    conn.flush()
+                waiting = select.POLLOUT if conn.replies else 0
+                poller.modify(conn.sock, select.POLLIN | waiting)
+    except (KeyboardInterrupt, _Stop):
+        pass
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
+        for conn in connections.values():
+            conn.sock.close()
+        listener.close()
+    return EXIT_OK
+
+
 def listen(args: argparse.Namespace) -> int:
     dest = listen_destination(args.socket)
     raw = args.raw or args.json
+    if dest.kind == "tcp":
+        return _listen_stream(dest, args.count, raw)
     sock, created = _bind_listener(dest)
     inode = created.stat().st_ino if created is not None else None
     in_main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main else None
-    out = getattr(sys.stdout, "buffer", None)
     try:
         print(f"mpevent: listening on {dest} (Ctrl-C to stop)", file=sys.stderr, flush=True)
         received = 0
         while args.count is None or received < args.count:
             data = sock.recv(MAX_RECV)
             received += 1
-            if not raw:
-                print(format_notification(data, time.time()), flush=True)
-            elif out is not None:
-                out.write(data + b"\n")
-                out.flush()
-            else:
-                sys.stdout.write(data.decode("utf-8", "replace") + "\n")
-                sys.stdout.flush()
+            _show_received(data, raw)
     except (KeyboardInterrupt, _Stop):
         pass
     finally:

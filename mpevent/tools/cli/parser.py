@@ -222,17 +222,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(
         "listen",
         commands.listen,
-        "bind a datagram socket and print the notifications that arrive",
+        "bind a datagram socket, or accept tcp: streams, and print the notifications that arrive",
         epilog="Subscribe it from another shell: mpevent subscribe EVENT SOCKET.",
     )
     p.add_argument(
         "socket",
         metavar="SOCKET",
-        help="udp:HOST:PORT, unix:/path or a path (the UNIX socket file is removed on exit)",
+        help="udp:HOST:PORT, unix:/path or a path (the UNIX socket file is removed on exit), "
+        'or tcp:HOST:PORT (JSON-RPC texts as event_stream sends them; requests are answered "OK")',
     )
     p.add_argument("--count", type=_positive_int, metavar="N", help="stop after N notifications")
     p.add_argument(
-        "--raw", action="store_true", help="print each datagram as received, one per line"
+        "--raw", action="store_true", help="print each notification as received, one per line"
     )
     _json_option(p, argparse.SUPPRESS)
 

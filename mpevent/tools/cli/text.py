@@ -20,7 +20,12 @@ import orjson
 
 from mpevent import defaults
 from mpevent.api.client import MIClient, MIHttpClient
-from mpevent.protocol.destination import Destination, DestinationError, parse_destination
+from mpevent.protocol.destination import (
+    Destination,
+    DestinationError,
+    StreamDestination,
+    parse_destination,
+)
 from mpevent.tools.figures import format_table
 from mpevent.tools.figures import is_number as _is_number
 
@@ -223,7 +228,27 @@ def format_notification(data: bytes, when: float) -> str:
 
 def listen_destination(text: str, cwd: str | None = None) -> Destination:
     """``listen``'s SOCKET: ``udp:HOST:PORT``, ``unix:/path``, or a path (a
-    relative one is taken from the working directory: this process binds it)."""
+    relative one is taken from the working directory: this process binds it),
+    or ``tcp:HOST:PORT`` (a stream consumer)."""
     if text and ":" not in text and not text.startswith(("/", "@")):
         text = os.path.join(cwd or os.getcwd(), text)
-    return destination(text, "listen socket")
+    dest = destination(text, "listen socket")
+    if dest.kind not in ("udp", "unix", "tcp"):
+        raise UsageError(f"listen socket: cannot listen on {dest}: only on udp:, unix: or tcp:")
+    if isinstance(dest, StreamDestination) and (dest.method or dest.reliable):
+        # They are the sender's choices; a listener answers requests either way.
+        raise UsageError(f"listen socket: {dest}: give tcp:HOST:PORT, without METHOD or options")
+    return dest
+
+
+def stream_reply(text: bytes) -> bytes | None:
+    """What ``listen tcp:`` answers a JSON text with: a request (a method and an
+    id) gets ``"OK"``, so that a reliable destination counts it sent; a
+    notification (or anything else) gets nothing."""
+    try:
+        message = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(message, dict) or "method" not in message or "id" not in message:
+        return None
+    return b'{"jsonrpc":"2.0","result":"OK","id":' + orjson.dumps(message["id"]) + b"}"
