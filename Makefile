@@ -9,7 +9,7 @@ BENCH_STAMP := $(VENV)/.installed-bench
 # PYTEST_ARGS="-x tests/test_ring.py" narrows `make test` and `make suite`.
 PYTEST_ARGS ?=
 
-.PHONY: demo test suite sanitize chaos bench loadtest lint format clean
+.PHONY: demo test suite sanitize chaos bench bench-amqp broker-installed loadtest lint format clean
 
 # The compiled fast path is built by the install: a change to its sources installs again.
 EXT_SOURCES := setup.py mpevent/processes/_fastpath.c
@@ -54,7 +54,7 @@ for v in $(SUPPORTED); do \
 done
 endef
 
-test: lint $(STAMP)
+test: lint $(STAMP) broker-installed
 	@status=0; failed=; \
 	for vp in default $$($(OTHER_PYTHONS)); do \
 	  if [ "$$vp" = default ]; then args=; passes='$(PASSES)'; label="$$($(BIN)/python -V) in $(VENV)"; \
@@ -71,7 +71,7 @@ test: lint $(STAMP)
 # once per pass: "compiled" (the fast path, when it was built: each pass says
 # which path runs) and "pure" (MPEVENT_NO_EXTENSIONS=1); PASSES="pure" for one.
 PASSES ?= compiled pure
-suite: $(STAMP)
+suite: $(STAMP) broker-installed
 	@status=0; for pass in $(PASSES); do \
 	  case $$pass in compiled) off=;; pure) off=1;; \
 	    *) echo "make suite: unknown pass $$pass (compiled, pure)" >&2; exit 2;; esac; \
@@ -109,7 +109,7 @@ sanitize: $(STAMP)
 	rm -rf $(SANITIZE_DIR); exit $$status
 
 # The chaos suite at length: many rounds of SIGKILL under load, with figures.
-chaos: $(STAMP)
+chaos: $(STAMP) broker-installed
 	MPEVENT_CHAOS_ROUNDS=$${MPEVENT_CHAOS_ROUNDS:-200} MPEVENT_OVERLOAD_SECONDS=$${MPEVENT_OVERLOAD_SECONDS:-60} \
 	  $(BIN)/python -m pytest -q -s -m chaos tests/chaos
 
@@ -126,6 +126,52 @@ $(LOAD_STAMP): $(STAMP)
 $(BENCH_STAMP): $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
 	touch $(BENCH_STAMP)
+
+# The RabbitMQ client comparison (README, "RabbitMQ client"): each client's raw
+# publish loop with confirms against a private broker; AMQP_BENCH_ARGS="--messages 5000".
+AMQP_BENCH_STAMP := $(VENV)/.installed-amqp-bench
+$(AMQP_BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[test,amqp-bench]'
+	touch $(AMQP_BENCH_STAMP)
+
+bench-amqp: $(AMQP_BENCH_STAMP) broker-installed
+	$(BIN)/python -m mpevent.tools.bench.amqp_clients $(AMQP_BENCH_ARGS)
+
+# The broker tests run Debian's rabbitmq-server as a private node
+# (mpevent/tools/broker.py): installed here when missing, as root, with apt-get
+# (about 15 s); a no-op when it is there. The package would start a system
+# broker on 5672 (and epmd on 4369): a policy-rc.d that exits 101, ours only if
+# there was none, stops that, and whatever listens there after the install
+# that did not before is stopped. Not root: say how to install it and go on
+# (the broker tests skip, and fail in CI). BROKER_DRY_RUN=1 goes through the
+# steps as if it were missing, printing the commands that change the system.
+BROKER_SERVER := /usr/lib/rabbitmq/bin/rabbitmq-server
+BROKER_DRY_RUN ?=
+BROKER_POLICY ?= /usr/sbin/policy-rc.d
+LISTENING = $(PYTHON) -c 'import socket, sys; sys.exit(socket.socket().connect_ex(("127.0.0.1", int(sys.argv[1]))) != 0)'
+broker-installed:
+	@if [ -z "$(BROKER_DRY_RUN)" ] && [ -x $(BROKER_SERVER) ]; then exit 0; fi; \
+	run=; [ -n "$(BROKER_DRY_RUN)" ] && run="echo would run:"; \
+	if [ "$$(id -u)" != 0 ]; then \
+	  echo "make: rabbitmq-server is not installed: the broker tests will skip (in CI they fail);" \
+	    "install it as root with: apt-get update && apt-get install -y rabbitmq-server" >&2; exit 0; fi; \
+	echo "make: installing rabbitmq-server (apt-get, about 15 s)"; \
+	before=; for port in 5672 4369; do $(LISTENING) $$port && before="$$before $$port"; done; \
+	policy=$(BROKER_POLICY); ours=; \
+	if [ ! -e $$policy ]; then ours=1; \
+	  $$run sh -c "printf '#!/bin/sh\nexit 101\n' > $$policy && chmod 755 $$policy"; fi; \
+	status=0; \
+	{ $$run apt-get update -qq && \
+	  $$run env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rabbitmq-server; } || status=$$?; \
+	if $(LISTENING) 5672 && ! echo "$$before" | grep -qw 5672; then \
+	  echo "make: stopping the system broker the package started"; \
+	  $$run service rabbitmq-server stop || status=1; fi; \
+	if $(LISTENING) 4369 && ! echo "$$before" | grep -qw 4369; then \
+	  echo "make: stopping the epmd the package started"; $$run epmd -kill || status=1; fi; \
+	[ -z "$$ours" ] || $$run rm -f $$policy; \
+	if [ $$status -ne 0 ]; then \
+	  echo "make: installing rabbitmq-server failed: the broker tests will skip (in CI they fail)" >&2; \
+	  if [ -n "$$CI" ]; then exit $$status; fi; fi
 
 # Headless locust runs (SIP-like requests, then raise_event from forked
 # locust processes) against a private hub; LOADTEST_ARGS="--sip-time 5 ...".

@@ -16,7 +16,12 @@ import psutil
 import pytest
 from support import Daemon, Kids, UdpSink, UnixSink
 
+from mpevent.tools.broker import INSTALL_HINT, PrivateBroker, available
+
 SHM = Path("/dev/shm")
+# The session's broker: its processes come and go on their own (the disk
+# monitor's df), so the leak check never counts them.
+_SESSION_BROKERS: list[PrivateBroker] = []
 
 
 def pytest_report_header() -> str:
@@ -27,7 +32,10 @@ def pytest_report_header() -> str:
 
 
 def _children() -> set[int]:
-    return {p.pid for p in psutil.Process().children(recursive=True)}
+    pids = {p.pid for p in psutil.Process().children(recursive=True)}
+    for broker in _SESSION_BROKERS:
+        pids -= broker.pids()
+    return pids
 
 
 def _mpevent_segments() -> set[str]:
@@ -99,3 +107,36 @@ def daemon(tmp_path: Path) -> Iterator[Daemon]:
     yield d
     code = d.stop()
     assert code == 0, f"mpevent serve exited {code}:\n{d.log()}"
+
+
+def _require_broker() -> None:
+    """Broker tests skip on a developer machine without RabbitMQ, and fail in CI."""
+    ok, reason = available()
+    if ok:
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"CI must run the broker tests: {reason}")
+    hint = "" if "apt-get" in reason else f" (they need rabbitmq-server, {INSTALL_HINT}, and root)"
+    pytest.skip(f"no private RabbitMQ broker: {reason}{hint}")
+
+
+@pytest.fixture(scope="session")
+def broker() -> Iterator[PrivateBroker]:
+    """One private RabbitMQ broker for the whole session (tests must not kill it)."""
+    _require_broker()
+    b = PrivateBroker()
+    b.start()
+    _SESSION_BROKERS.append(b)
+    yield b
+    _SESSION_BROKERS.remove(b)
+    b.stop()
+
+
+@pytest.fixture
+def fresh_broker() -> Iterator[PrivateBroker]:
+    """A broker of the test's own, to kill and restart; stopped before the leak check."""
+    _require_broker()
+    b = PrivateBroker()
+    b.start()
+    yield b
+    b.stop()

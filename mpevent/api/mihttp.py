@@ -1,4 +1,5 @@
-"""The MI over HTTP: ``POST /mi`` with a JSON-RPC body, like OpenSIPS's mi_http.
+"""The MI over HTTP: ``POST /mi`` with a JSON-RPC body, like OpenSIPS's mi_http,
+and ``GET /metrics`` for Prometheus.
 
 The standard library's threading HTTP server parses HTTP; each request's
 body is handed to the hub's loop (:meth:`Hub.submit`), which answers it with
@@ -6,6 +7,15 @@ the same pure method table as the datagram transports, so the hub's state is
 only ever touched by its own thread. Bodies over the MI request limit get a
 JSON-RPC error without being read; slow clients are cut off by a socket
 timeout.
+
+``GET /metrics`` (and ``HEAD``) renders :mod:`mpevent.protocol.metrics`.
+What is hub state (the processes it knows, its start time, the table it
+wrote) is read in the hub's loop, through the same :meth:`Hub.submit`; the
+counters are summed here, in the HTTP thread, from the segment: they are
+single-writer words in shared memory that any process may read (the
+senders and ``EventBus.stats()`` do), and summing them for every lane and
+event takes milliseconds the hub's loop, which must answer the MI within a
+few, does not spend.
 """
 
 from __future__ import annotations
@@ -13,18 +23,67 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import orjson
 
-from mpevent.protocol import mi
+from mpevent import defaults
+from mpevent.protocol import metrics, mi
+from mpevent.protocol.registry import Snapshot
+from mpevent.shm import counters
+from mpevent.shm.layout import H_REPAIRED
+from mpevent.shm.segment import Segment
+from mpevent.shm.table import read_snapshot
+
+if TYPE_CHECKING:
+    from mpevent.processes.hub import Hub
 
 log = logging.getLogger("mpevent.mi.http")
 
-Submit = Callable[[bytes, Callable[[bytes | None], None]], None]
+# Hub.submit: an MI request (or a function of the hub) and where its answer goes.
+Submit = Callable[[Any, Callable[[Any], None]], None]
 REPLY_TIMEOUT = 5.0
 SOCKET_TIMEOUT = 5.0
+METRICS_PATH = "/metrics"
+NO_ANSWER = object()  # the hub did not answer within REPLY_TIMEOUT
+
+
+class HubFacts(NamedTuple):
+    """What ``GET /metrics`` needs of the hub's state, taken in its loop."""
+
+    seg: Segment
+    started: float  # Unix time
+    processes: list[dict[str, Any]]  # ps rows
+    snapshot: Snapshot  # the subscription table (the hub writes it: never torn in its loop)
+
+
+def hub_facts(hub: Hub) -> HubFacts:
+    """Run by the hub's loop (:meth:`Hub.submit`)."""
+    got = read_snapshot(hub.seg)
+    return HubFacts(hub.seg, hub.started, hub.processes(), got[1] if got else Snapshot([]))
+
+
+def render_metrics(facts: HubFacts, now: float) -> bytes:
+    """The ``/metrics`` body: the counters summed from the segment (any thread)."""
+    seg = facts.seg
+    data = {
+        "events": counters.event_counters(seg),
+        "destinations": counters.destination_counters(seg, facts.snapshot),
+        "senders": counters.sender_counters(seg),
+        "repaired": seg.words[H_REPAIRED],
+        "shared_lane_writers": counters.shared_lane_writers(seg),
+    }
+    text = metrics.render(
+        data,
+        uptime=max(0.0, now - facts.started),
+        processes=facts.processes,
+        start_time=facts.started,
+        version=defaults.version(),
+    )
+    return text.encode()
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -55,18 +114,10 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(413, reply, close=True)
             return
         body = self.rfile.read(length)
-        done = threading.Event()
-        answer: list[bytes | None] = []
-
-        def reply(data: bytes | None) -> None:
-            answer.append(data)
-            done.set()
-
-        self.server.submit(body, reply)
-        if not done.wait(REPLY_TIMEOUT):
+        data = self._ask_hub(body)
+        if data is NO_ANSWER:
             self._send(503, b'{"error":"the hub did not answer in time"}')
             return
-        data = answer[0]
         if data is None:  # a JSON-RPC notification: nothing to say
             self.send_response(204)
             self.send_header("Content-Length", "0")
@@ -74,19 +125,67 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self._send(200, data)
 
-    def do_GET(self) -> None:
-        self._send(405, b'{"error":"use POST /mi with a JSON-RPC request"}', close=True)
+    def _ask_hub(self, request: Any) -> Any:
+        """The hub loop's answer to ``request``; NO_ANSWER when it gave none in time."""
+        done = threading.Event()
+        answer: list[Any] = []
 
-    def _send(self, status: int, body: bytes, close: bool = False) -> None:
+        def reply(data: Any) -> None:
+            answer.append(data)
+            done.set()
+
+        self.server.submit(request, reply)
+        if not done.wait(REPLY_TIMEOUT):
+            return NO_ANSWER
+        return answer[0]
+
+    def do_GET(self) -> None:
+        self._get(head=False)
+
+    def do_HEAD(self) -> None:
+        self._get(head=True)
+
+    def _get(self, head: bool) -> None:
+        path = self.path.split("?", 1)[0]
+        # A body on a GET is not read: close rather than parse it as a request.
+        close = "Content-Length" in self.headers or "Transfer-Encoding" in self.headers
+        if path.rstrip("/") == "/mi":
+            self._send(405, b'{"error":"use POST /mi with a JSON-RPC request"}', True, head)
+            return
+        if path != METRICS_PATH:
+            self._send(404, b'{"error":"not found: GET /metrics or POST /mi"}', True, head)
+            return
+        facts = self._ask_hub(hub_facts)
+        if not isinstance(facts, HubFacts):
+            self._send(503, b'{"error":"the hub did not answer in time"}', close, head)
+            return
+        try:
+            body = render_metrics(facts, time.time())
+        except Exception:  # the segment was closed under us: the daemon is stopping
+            log.debug("metrics failed", exc_info=True)
+            self._send(503, b'{"error":"the hub is stopping"}', True, head)
+            return
+        self._send(200, body, close, head, content_type=metrics.CONTENT_TYPE)
+
+    def _send(
+        self,
+        status: int,
+        body: bytes,
+        close: bool = False,
+        head: bool = False,
+        content_type: str = "application/json",
+    ) -> None:
         """``close``: the request's body (if any) was not read, so whatever
-        follows on this connection cannot be parsed as the next request."""
+        follows on this connection cannot be parsed as the next request.
+        ``head``: the headers ``body`` would have, without it."""
         self.send_response(status)
         if close:
             self.send_header("Connection", "close")  # also sets close_connection
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        self.wfile.write(body)
+        if not head:
+            self.wfile.write(body)
 
     def log_message(self, format: str, *args: object) -> None:
         log.debug("%s " + format, self.address_string(), *args)

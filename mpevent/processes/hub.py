@@ -11,6 +11,9 @@ through a pipe (``signal.set_wakeup_fd``); the loop then:
 * reaps senders that died and starts new ones, each in a fresh interpreter
   (:mod:`mpevent.processes.launch`); a new sender resumes its lanes from the
   head its predecessor last stored;
+* starts a broker relay (:mod:`mpevent.processes.relay`) for every relay
+  slot the registry assigns, and starts it again when it exits (a new one
+  for the slot's new destination when that changed);
 * frees the lanes of producers that died (:mod:`mpevent.processes.reclaim`);
 * in embedded mode, stops when the process that created the bus is gone.
 
@@ -70,6 +73,7 @@ RESPAWN_DELAY = 0.1
 MAX_DATAGRAM_REPLY = 65507  # the largest UDP payload; HTTP has no such limit
 LOOP_TIMEOUT = 0.5
 HOUSEKEEPING_INTERVAL = 0.2  # reclaiming dead producers' lanes, watching the parent
+RELAY_STOP_GRACE_NS = 3_000_000_000  # past the drain deadline, before a relay is killed
 
 
 @dataclass
@@ -105,12 +109,15 @@ class Hub:
         self.mi_sockets = mi_sockets
         self.options = options
         g = seg.layout.geometry
-        self.registry = Registry(g.max_events, g.max_subs, options.max_subs_per_event)
+        self.registry = Registry(g.max_events, g.max_subs, options.max_subs_per_event, g.relays)
         self.started = time.time()
         self.senders: dict[int, tuple[int, subprocess.Popen[bytes]]] = {  # pid -> index, process
             proc.pid: (index, proc) for index, proc in (started or {}).items()
         }
         self._respawn: dict[int, float] = {}  # sender index -> when to start it again
+        # Broker relays, one per assigned relay slot (registry.relays).
+        self.relays: dict[int, tuple[int, subprocess.Popen[bytes]]] = {}  # pid -> slot, process
+        self._relay_respawn: dict[int, float] = {}  # relay slot -> when to start it again
         self._known_events = 0
         self._signals: list[int] = []
         self._statistics = mi_views.StatisticsView()
@@ -121,7 +128,7 @@ class Hub:
         self._configured: set[tuple[str, Destination]] = set()
         # Requests from transports running in other threads (HTTP): handled
         # here, in the loop, so the registry has a single thread.
-        self._requests: queue.SimpleQueue[tuple[bytes, Callable[[bytes | None], None]]]
+        self._requests: queue.SimpleQueue[tuple[bytes | Callable[[Hub], Any], Callable[..., None]]]
         self._requests = queue.SimpleQueue()
         self._wake_r, self._wake_w = os.pipe()
         for fd in (self._wake_r, self._wake_w):
@@ -142,6 +149,7 @@ class Hub:
             table.clear_counts(self.seg)
         for bell in self.doorbells:
             bell.ring()
+        self._start_relays()  # a broker destination that just got a relay slot
 
     def raise_event(self, event: str, params: Any) -> bool:
         if self._producer is None:
@@ -161,6 +169,8 @@ class Hub:
         rows = [(os.getpid(), "hub")]
         by_index = sorted((index, pid) for pid, (index, _) in self.senders.items())
         rows += [(pid, f"sender {index}") for index, pid in by_index]
+        by_slot = sorted((slot, pid) for pid, (slot, _) in self.relays.items())
+        rows += [(pid, f"relay {slot}") for slot, pid in by_slot]
         layout = self.seg.layout
         for lane in range(layout.geometry.lanes):
             # The lane's record lock says whether its producer lives; the
@@ -181,6 +191,40 @@ class Hub:
         self.senders[proc.pid] = (index, proc)
         return proc.pid
 
+    def spawn_relay(self, slot: int) -> int:
+        """Start the relay of ``slot`` in a fresh interpreter; it publishes
+        to the broker destination the table assigns the slot."""
+        proc = launch.start_relay(self.seg.fd, slot, self.options.backlog, os.getpid())
+        self.relays[proc.pid] = (slot, proc)
+        return proc.pid
+
+    def _start_relays(self) -> None:
+        """A relay for every assigned relay slot that has none (and none due
+        to start again after a delay)."""
+        if self._stopping:
+            return
+        running = {slot for slot, _ in self.relays.values()}
+        for slot, dest in enumerate(self.registry.relays):
+            if dest is not None and slot not in running and slot not in self._relay_respawn:
+                self.spawn_relay(slot)
+
+    def _reaped_relay(self, pid: int, status: int) -> bool:
+        """``pid`` was a relay: note its end, start it again later if its slot
+        is still assigned. False when it was none."""
+        known = self.relays.pop(pid, None)
+        if known is None:
+            return False
+        slot, proc = known
+        proc.returncode = code = os.waitstatus_to_exitcode(status)
+        if self._stopping:
+            return True
+        if code != 0:
+            log.warning("relay %d (pid %d) exited with status %#x", slot, pid, status)
+        # Exit 0: its slot changed (a new destination, or none). Either way not
+        # at once, so a relay that dies on start cannot spin the hub.
+        self._relay_respawn[slot] = time.monotonic() + RESPAWN_DELAY
+        return True
+
     def _reap(self) -> None:
         while True:
             try:
@@ -189,6 +233,8 @@ class Hub:
                 return
             if not pid:
                 return
+            if self._reaped_relay(pid, status):
+                continue
             known = self.senders.pop(pid, None)
             if known is None:
                 continue
@@ -209,6 +255,11 @@ class Hub:
             if when <= now and not self._stopping:
                 del self._respawn[index]
                 self.spawn_sender(index)
+        due = [slot for slot, when in self._relay_respawn.items() if when <= now]
+        for slot in due:
+            del self._relay_respawn[slot]
+        if due:
+            self._start_relays()  # the slots still assigned (maybe to another destination)
 
     # -- the loop -----------------------------------------------------------
 
@@ -238,7 +289,7 @@ class Hub:
         next_housekeeping = 0.0
         while not self._stopping:
             timeout = LOOP_TIMEOUT
-            if self._respawn:
+            if self._respawn or self._relay_respawn:
                 timeout = min(timeout, RESPAWN_DELAY)
             deadline = self.registry.next_deadline()
             if deadline is not None:
@@ -260,6 +311,7 @@ class Hub:
             if now >= next_housekeeping:  # not on every MI request: syscalls per lane
                 next_housekeeping = now + HOUSEKEEPING_INTERVAL
                 self.reclaimer.scan()  # dead producers' lanes; shared lanes' counts
+                self._start_relays()
                 if not self._warned_sharing and stats.shared_lane_writers(self.seg):
                     self._warn_sharing()
                 parent = self.options.parent_pid
@@ -321,8 +373,10 @@ class Hub:
         self._configured = wanted
         self.store_table()
 
-    def submit(self, raw: bytes, reply: Callable[[bytes | None], None]) -> None:
-        """Hand a request to the loop from another thread; ``reply`` gets the answer."""
+    def submit(self, raw: bytes | Callable[[Hub], Any], reply: Callable[..., None]) -> None:
+        """Hand a request to the loop from another thread; ``reply`` gets the answer.
+        ``raw``: an MI request, or a function the loop calls with the hub (what
+        ``GET /metrics`` needs of the hub's state); ``reply`` gets what it returns."""
         self._requests.put((raw, reply))
         try:
             os.write(self._wake_w, b"\0")
@@ -335,7 +389,15 @@ class Hub:
                 raw, reply = self._requests.get_nowait()
             except queue.Empty:
                 return
-            reply(self._handle(raw))
+            if isinstance(raw, bytes):
+                reply(self._handle(raw))
+                continue
+            try:
+                answer = raw(self)
+            except Exception:
+                log.exception("request from another thread failed")
+                answer = None
+            reply(answer)
 
     def _handle(self, raw: bytes) -> bytes | None:
         try:
@@ -382,6 +444,17 @@ class Hub:
             proc.wait()
             self.senders.pop(pid, None)
         words[H_STATE] = STATE_STOPPED
+        # The relays publish what the senders handed them until the drain
+        # deadline, plus a second for confirms and one for closing the connection.
+        grace = max(deadline, time.monotonic_ns()) + RELAY_STOP_GRACE_NS
+        while self.relays and time.monotonic_ns() < grace:
+            self._reap()
+            time.sleep(0.01)
+        for pid, (slot, proc) in list(self.relays.items()):
+            log.warning("relay %d (pid %d) did not stop in time; killing it", slot, pid)
+            proc.kill()
+            proc.wait()
+            self.relays.pop(pid, None)
         for sock in self.mi_sockets:
             sock.close()  # their files belong to whoever bound them (the daemon)
         signal.set_wakeup_fd(-1)

@@ -8,8 +8,8 @@ descriptors of the application) except the descriptors named in the spec
 mpevent is ever forked from an application, and none needs to close what
 it inherited or to keep the garbage collector away from foreign objects.
 
-This module owns the contract between the two sides: :func:`start_hub` and
-:func:`start_sender` write the spec (JSON on the command line),
+This module owns the contract between the two sides: :func:`start_hub`,
+:func:`start_sender` and :func:`start_relay` write the spec (JSON on the command line),
 :func:`main` reads it in the child and runs the role. Keeping both in one
 place means a field cannot be written on one side and forgotten on the
 other.
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from mpevent.processes.sender.backlog import BacklogLimits
 
 MODULE = "mpevent.processes"  # its __main__ calls main() below
-HUB, SENDER = "hub", "sender"
+HUB, SENDER, RELAY = "hub", "sender", "relay"
 
 log = logging.getLogger("mpevent.launch")
 
@@ -89,6 +89,21 @@ def start_sender(
     return _spawn(SENDER, spec, [segment_fd, doorbell_fd])
 
 
+def start_relay(
+    segment_fd: int, index: int, backlog: BacklogLimits, hub_pid: int
+) -> subprocess.Popen[bytes]:
+    """The broker relay of slot ``index`` (:mod:`mpevent.processes.relay`),
+    publishing what the senders hand it; it stops when ``hub_pid`` is no
+    longer its parent. ``backlog`` bounds what it holds."""
+    spec = {
+        "segment_fd": segment_fd,
+        "index": index,
+        "backlog": asdict(backlog),
+        "hub_pid": hub_pid,
+    }
+    return _spawn(RELAY, spec, [segment_fd])
+
+
 # -- the child's side ---------------------------------------------------------
 # Each role imports what it runs, and only that: a sender starts (and a
 # killed one is replaced) without paying for the hub's imports.
@@ -138,6 +153,19 @@ def _run_sender(spec: dict[str, Any]) -> int:
     return Sender(seg, spec["index"], doorbell, limits, parent_pid=spec["hub_pid"]).run()
 
 
+def _run_relay(spec: dict[str, Any]) -> int:
+    from mpevent.processes.relay import Relay
+    from mpevent.processes.sender.backlog import BacklogLimits
+    from mpevent.shm.segment import Segment
+
+    # Like a sender: the hub decides when a relay stops (SIGTERM, or the
+    # segment's state), never a terminal's Ctrl-C to the process group.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    seg = Segment.adopt(spec["segment_fd"])
+    limits = BacklogLimits(**spec["backlog"])
+    return Relay(seg, spec["index"], limits, parent_pid=spec["hub_pid"]).run()
+
+
 def main(argv: list[str]) -> int:
     role, raw = argv
     spec = orjson.loads(raw)
@@ -149,7 +177,7 @@ def main(argv: list[str]) -> int:
         level=spec.get("log_level", logging.WARNING),
         format="%(levelname)s %(name)s[%(process)d]: %(message)s",
     )
-    run = {HUB: _run_hub, SENDER: _run_sender}[role]
+    run = {HUB: _run_hub, SENDER: _run_sender, RELAY: _run_relay}[role]
     try:
         return run(spec)
     except Exception:
