@@ -56,7 +56,8 @@ if TYPE_CHECKING:  # conftest imports this module: collecting a protocol test ne
 T = TypeVar("T")
 
 # OpenSIPS's MI methods for its event interface and process facts, by
-# OpenSIPS's names (what its tools call): the hub must answer every one.
+# OpenSIPS's names (what its tools call): the hub must answer every one,
+# under its 4.x name and under the older name 4.x keeps as an alias.
 OPENSIPS_MI_METHODS = frozenset(
     {
         "event_subscribe",
@@ -66,10 +67,23 @@ OPENSIPS_MI_METHODS = frozenset(
         "get_statistics",
         "list_statistics",
         "reset_statistics",
+        "reset_all_statistics",
         "ps",
         "uptime",
         "version",
         "which",
+        "evi:subscribe",
+        "evi:list",
+        "evi:subscribers",
+        "evi:raise",
+        "statistics:get",
+        "statistics:list",
+        "statistics:reset",
+        "statistics:reset_all",
+        "core:ps",
+        "core:uptime",
+        "core:version",
+        "core:which",
     }
 )
 

@@ -139,8 +139,8 @@ def test_stuck_subscriber_does_not_keep_the_sender_busy(tmp_path: Path) -> None:
             (sender,) = sender_processes(bus, 1)
             # Two measures: CPU time (what it costs the box), and the sender's
             # loop counter, which a spinning sender drives up even when other
-            # processes leave it little CPU (an idle sender loops ~50 times a
-            # second: it wakes at least every MAX_SLEEP).
+            # processes leave it little CPU (a sender waiting for a receiver
+            # loops ~50 times a second: it wakes at least every MAX_SLEEP).
             loops_at = bus.segment.layout.sender_word(0) + S_LOOPS
             loops = bus.segment.words[loops_at]
             before, start = sender.cpu_times(), time.monotonic()

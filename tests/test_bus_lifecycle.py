@@ -22,6 +22,8 @@ from support import (
 )
 
 from mpevent import EventBus, encode_notification
+from mpevent.shm.doorbell import IDLE_AFTER_NS, IDLE_MAX_SLEEP
+from mpevent.shm.layout import S_LOOPS
 
 # --- expiry -----------------------------------------------------------------
 
@@ -149,3 +151,26 @@ def test_close_stops_hub_and_senders_but_not_for_a_child(kids: Kids, udp_sink) -
         senders2 = sender_processes(bus2, 1)
     assert gone(hub2)
     assert wait_for(lambda: all(gone(s) for s in senders2)), senders2
+
+
+@pytest.mark.timeout(60)
+def test_an_idle_sender_wakes_a_few_times_a_second_and_still_answers_at_once(udp_sink) -> None:
+    """Idle (nothing raised for a while), a sender sleeps up to IDLE_MAX_SLEEP
+    between looks, not MAX_SLEEP: a few loops a second, not ~50 plus naps;
+    and a raised event still wakes it through the doorbell at once."""
+    with EventBus() as bus:
+        bus.publish_event("E_IDLE")
+        bus.subscribe("E_IDLE", udp_sink.address)
+        loops_at = bus.segment.layout.sender_word(0) + S_LOOPS
+        time.sleep(IDLE_AFTER_NS / 1e9 + 0.5)  # idle long enough
+        for _attempt in range(3):  # a busy machine may delay a wake-up: look again
+            before, start = bus.segment.words[loops_at], time.monotonic()
+            time.sleep(2.0)
+            rate = (bus.segment.words[loops_at] - before) / (time.monotonic() - start)
+            if rate <= 3 / IDLE_MAX_SLEEP:
+                break
+        assert rate <= 3 / IDLE_MAX_SLEEP, f"an idle sender looped {rate:.0f} times a second"
+        assert bus.raise_event("E_IDLE", {"n": 1})
+        assert udp_sink.receive(1, timeout=IDLE_MAX_SLEEP * 4) == [
+            encode_notification("E_IDLE", {"n": 1})
+        ]

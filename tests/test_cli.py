@@ -184,7 +184,9 @@ def test_result_rows():
     one_sub = {"Event": {"name": "E_A", "id": 0, "Subscriber": never}}
     assert subscriber_rows(one_sub) == [("E_A", "unix:/x", "never", "never")]
     ps = {"Processes": [{"ID": 0, "PID": 42, "Type": "hub", "CPU": 1.234, "RSS": 2 << 20}]}
-    assert process_rows(ps) == [(42, "hub", "1.23s", "2.0 MiB")]
+    assert process_rows(ps) == [(42, "hub", "1.23s", "", "2.0 MiB")]
+    earlier = {"Processes": [{"PID": 42, "CPU": 1.034}, {"PID": 7, "CPU": 9.0}]}
+    assert process_rows(ps, earlier, 2.0) == [(42, "hub", "1.23s", "10.0%", "2.0 MiB")]
 
 
 def test_stat_rates():
@@ -384,7 +386,8 @@ def test_raise_errors(capsys, daemon: Daemon):
     code, out, err = run(capsys, "--mi", daemon.udp, "raise", "E_QUIET", "a=1")
     assert (code, out, err) == (1, "", "error 480: Temporarily Unavailable\n")
     code, out, err = run(capsys, "--mi", daemon.http, "raise", "E_NOBODY_KNOWS")
-    assert (code, out, err) == (1, "", "error 404: Event not registered\n")
+    hint = "publish it first: mpevent publish E_NOBODY_KNOWS"
+    assert (code, out, err) == (1, "", f"error 404: Event not registered; {hint}\n")
 
 
 def test_stats_and_ps(capsys, monkeypatch, daemon: Daemon, udp_sink: UdpSink):
@@ -405,12 +408,12 @@ def test_stats_and_ps(capsys, monkeypatch, daemon: Daemon, udp_sink: UdpSink):
     assert code == 0 and stats["event:E_X.raised"] == 3 and stats["mpevent:raised"] == 3
     assert not any(name.startswith("destination:") for name in stats)
 
-    code, out, _ = run(capsys, "--mi", mi, "ps")
+    code, out, _ = run(capsys, "--mi", mi, "ps", "--interval", "0.5")
     lines = out.splitlines()
-    assert code == 0 and lines[0].split() == ["PID", "TYPE", "CPU", "RSS"]
+    assert code == 0 and lines[0].split() == ["PID", "TYPE", "CPU", "CPU", "NOW", "RSS"]
     assert lines[1].split()[:2] == [str(daemon.proc.pid), "hub"]
     assert any(line.split()[1:3] == ["sender", "0"] for line in lines[2:])
-    assert lines[1].endswith("iB")
+    assert lines[1].endswith("iB") and "%" in lines[1]
 
     code, out, _ = run(capsys, "--mi", mi, "ps", "--json")
     processes = json.loads(out)["Processes"]

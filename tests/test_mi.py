@@ -2,7 +2,8 @@
 
 Part 1 drives :func:`mpevent.protocol.mi.handle` with a fake hub (a real Registry, a
 fake clock): every method OpenSIPS's tools call and mpevent's ``event_publish``,
-params as an array and as an object, the exact result shapes and every JSON-RPC error path, plus a
+params as an array and as an object, the exact result shapes and every JSON-RPC error path,
+every OpenSIPS 4.x name against its alias (the same replies and effects), plus a
 property: no input makes it raise or answer something that is not a
 JSON-RPC 2.0 response.
 
@@ -142,11 +143,127 @@ def args(form: str, **named: Any) -> Any:
 FORMS = pytest.mark.parametrize("form", ["array", "object"])
 
 
+# OpenSIPS 4.x names and the older names 4.x keeps as aliases (mi/mi_core.c and
+# statistics.c on OpenSIPS master), and mpevent's own method, namespaced the same way.
+NAMES_4X = [
+    ("evi:subscribe", "event_subscribe"),
+    ("evi:list", "events_list"),
+    ("evi:subscribers", "subscribers_list"),
+    ("evi:raise", "raise_event"),
+    ("statistics:get", "get_statistics"),
+    ("statistics:list", "list_statistics"),
+    ("statistics:reset", "reset_statistics"),
+    ("statistics:reset_all", "reset_all_statistics"),
+    ("core:uptime", "uptime"),
+    ("core:version", "version"),
+    ("core:which", "which"),
+    ("core:ps", "ps"),
+    ("evi:publish", "event_publish"),
+]
+
+
 def test_which_lists_every_opensips_method(hub):
     names = ok(hub, "which")
     assert names == sorted(mi.METHODS)
     assert set(names) >= OPENSIPS_MI_METHODS
-    assert ok(hub, "which", []) == ok(hub, "which", {}) == names
+    # Both names of every method, each once: opensips-cli runs only what which lists.
+    assert set(names) == {name for pair in NAMES_4X for name in pair}
+    assert len(names) == 2 * len(NAMES_4X)
+    assert ok(hub, "which", []) == ok(hub, "which", {}) == ok(hub, "core:which") == names
+
+
+@pytest.mark.parametrize(("name", "alias"), NAMES_4X)
+def test_an_alias_is_the_same_method(name, alias):
+    """One entry of the table under two keys: nothing to keep in step."""
+    assert mi.METHODS[alias] is mi.METHODS[name]
+    assert (mi.METHODS[name].name, mi.METHODS[name].aliases) == (name, (alias,))
+
+
+def test_which_command_gives_params_and_groups(hub):
+    recipes = [["event", "socket"], ["event", "socket", "expire"]]
+    assert ok(hub, "which", ["evi:subscribe"]) == recipes
+    assert ok(hub, "core:which", {"command": "event_subscribe"}) == recipes
+    assert ok(hub, "which", ["subscribers_list"]) == [[], ["event"], ["event", "socket"]]
+    assert ok(hub, "which", ["core:version"]) == [[]]
+    assert ok(hub, "which", ["statistics:reset"]) == [["statistics"]]
+    # OpenSIPS 4: which command=GROUP: lists the group's commands, by their 4.x names.
+    assert ok(hub, "which", ["evi:"]) == [
+        "evi:list",
+        "evi:publish",
+        "evi:raise",
+        "evi:subscribe",
+        "evi:subscribers",
+    ]
+    assert ok(hub, "which", {"command": "statistics:"}) == [
+        "statistics:get",
+        "statistics:list",
+        "statistics:reset",
+        "statistics:reset_all",
+    ]
+    assert ok(hub, "which", ["core:"]) == ["core:ps", "core:uptime", "core:version", "core:which"]
+    assert err(hub, "which", ["no_such_command"]) == (404, "unknown MI command")
+    assert err(hub, "which", ["nope:"]) == (404, "unknown MI command group")
+    assert err(hub, "which", [5])[0] == mi.INVALID_PARAMS
+
+
+SOCK = "udp:127.0.0.1:9000"
+# What each method is called with, in order, on one hub: results, errors and
+# effects (a subscription of E_A to SOCK is there before the first call).
+CALLS: dict[str, list[Any]] = {
+    "evi:publish": [["E_NEW"], {"event": "E_NEW"}, ["E_A"], ["bad name!"], [], [5]],
+    "evi:subscribe": [
+        ["E_B", SOCK],
+        {"event": "E_A", "socket": "udp:127.0.0.1:09000", "expire": "60"},
+        ["E_NOPE", SOCK],
+        ["E_A", SOCK, -1],
+        ["E_A", "udp:127.0.0.1"],
+        ["E_B", SOCK, 0],
+        ["E_B", SOCK, 0],  # nothing left to remove: "OK", as OpenSIPS answers
+    ],
+    "evi:list": [_ABSENT, [], {}, ["x"]],
+    "evi:subscribers": [
+        _ABSENT,
+        ["E_A"],
+        {"event": "E_A", "socket": SOCK},
+        ["E_B", SOCK],
+        ["E_NOPE"],
+        {"socket": SOCK},
+    ],
+    "evi:raise": [["E_A", '{"a": 1}'], {"event": "E_A", "params": ["x"]}, ["E_B"], ["E_NOPE"]],
+    "statistics:get": [_ABSENT, [["mpevent:"]], {"statistics": "raised"}, [[1]]],
+    "statistics:list": [_ABSENT, [["event:"]], [5]],
+    "statistics:reset": [[["mpevent:sent"]], {"statistics": "event:"}, []],
+    "statistics:reset_all": [_ABSENT, [], {}, ["x"]],
+    "core:uptime": [_ABSENT, [], ["x"]],
+    "core:version": [_ABSENT, {}],
+    "core:which": [_ABSENT, ["evi:"], ["event_subscribe"], ["nope"]],
+    "core:ps": [_ABSENT, []],
+}
+
+
+def _effects(hub: FakeHub) -> Any:
+    subs = [(s.event_id, str(s.destination), s.expire) for s in hub.registry.subscriptions()]
+    return hub.registry.events, subs, hub.raised, hub.reset, hub.stores
+
+
+@pytest.mark.parametrize(("name", "alias"), NAMES_4X)
+def test_the_4x_name_and_its_alias_answer_the_same(name, alias):
+    assert set(CALLS) == {n for n, _ in NAMES_4X}  # every pair has its calls
+    runs = []
+    for called in (name, alias):
+        hub = FakeHub()
+        hub.started = 1_700_000_000.0
+        hub.registry.declare("E_A")
+        hub.registry.declare("E_B")
+        hub.registry.subscribe("E_A", parse_destination(SOCK), 60, hub.clock)
+        replies = []
+        with mock.patch("time.time", return_value=1_700_000_100.0):
+            for params in CALLS[name]:
+                replies.append(reply(hub, called, params))
+        runs.append((replies, _effects(hub)))
+    assert runs[0] == runs[1]
+    replies = runs[0][0]
+    assert any("result" in r for r in replies), replies  # the calls did something
 
 
 @FORMS
@@ -343,6 +460,16 @@ def test_statistics(hub, form):
     assert err(hub, "reset_statistics")[0] == mi.INVALID_PARAMS
     assert err(hub, "get_statistics", args(form, statistics=[1]))[0] == mi.INVALID_PARAMS
     assert err(hub, "get_statistics", args(form, statistics=5))[0] == mi.INVALID_PARAMS
+
+
+def test_reset_all_resets_every_statistic(hub):
+    assert ok(hub, "statistics:reset_all") == "OK"
+    assert hub.reset == [list(STATS)]
+    assert ok(hub, "reset_all_statistics", []) == "OK"
+    assert hub.reset == [list(STATS)] * 2
+    assert err(hub, "statistics:reset_all", ["mpevent:sent"])[0] == mi.INVALID_PARAMS
+    assert err(hub, "statistics:reset_all", {"statistics": ["all"]})[0] == mi.INVALID_PARAMS
+    assert hub.reset == [list(STATS)] * 2
 
 
 @FORMS
@@ -644,6 +771,69 @@ def test_transport_every_method_and_error(daemon, udp_sink, transport):
     # a notification gets no reply (HTTP: 204 No Content)
     assert send(daemon, transport, b'{"jsonrpc":"2.0","method":"version"}', timeout=0.3) is None
     assert udp_sink.quiet(0.1) == []
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_transport_answers_the_4x_names(daemon, udp_sink, transport):
+    """The OpenSIPS 4.x names over a real transport, each answered as its alias is."""
+    assert result(daemon, transport, "evi:publish", ["E_4"]) == {"name": "E_4", "id": 0}
+    assert result(daemon, transport, "evi:list") == result(daemon, transport, "events_list")
+    assert result(daemon, transport, "evi:list") == {"Events": [{"name": "E_4", "id": 0}]}
+    assert result(daemon, transport, "evi:subscribe", ["E_4", udp_sink.address, "100"]) == "OK"
+    listed = result(daemon, transport, "evi:subscribers", ["E_4", udp_sink.address])
+    assert listed["Event"]["Subscriber"]["expire"] == 100
+    assert listed == result(daemon, transport, "subscribers_list", ["E_4", udp_sink.address])
+    assert result(daemon, transport, "evi:raise", ["E_4", '{"n": 1}']) == "OK"
+    assert udp_sink.receive(1) == [b'{"jsonrpc":"2.0","method":"E_4","params":{"n":1}}']
+    sent = f"destination:E_4@{udp_sink.address}.sent"
+    stats = wait_for(
+        lambda: (
+            (s := result(daemon, transport, "statistics:get", [["destination:"]])).get(sent) and s
+        )
+    )
+    assert stats and stats[sent] == 1, stats
+    assert result(daemon, transport, "statistics:get", [["mpevent:raised"]]) == {
+        "mpevent:raised": 1
+    }
+    assert result(daemon, transport, "statistics:list", [["mpevent:raised"]]) == {
+        "mpevent:raised": "non-incremental"
+    }
+    assert result(daemon, transport, "statistics:reset", [["event:E_4.raised"]]) == "OK"
+    assert result(daemon, transport, "get_statistics", [["event:E_4.raised"]]) == {
+        "event:E_4.raised": 0
+    }
+    # reset_all: every counter reads 0 from now on; a gauge (pending) is left as it is.
+    assert result(daemon, transport, "statistics:reset_all") == "OK"
+    after = result(daemon, transport, "statistics:get", [["all"]])
+    assert after[sent] == after["mpevent:raised"] == after["mpevent:destination_sent"] == 0, after
+    counts = {k: v for k, v in after.items() if not k.endswith(("pending", "_pending"))}
+    assert len(counts) > 10 and set(counts.values()) == {0}, after
+    # ... and counts on from there.
+    assert result(daemon, transport, "raise_event", ["E_4", ["again"]]) == "OK"
+    assert udp_sink.receive(1) == [b'{"jsonrpc":"2.0","method":"E_4","params":["again"]}']
+    assert result(daemon, transport, "reset_all_statistics", []) == "OK"
+    assert result(daemon, transport, "statistics:get", [["mpevent:raised"]]) == {
+        "mpevent:raised": 0
+    }
+    procs = result(daemon, transport, "core:ps")["Processes"]
+    assert [p["PID"] for p in procs] == [
+        p["PID"] for p in result(daemon, transport, "ps")["Processes"]
+    ]
+    assert procs[0]["PID"] == daemon.proc.pid
+    assert "Up time" in result(daemon, transport, "core:uptime")
+    assert result(daemon, transport, "core:version") == {"Server": f"mpevent {VERSION}"}
+    names = result(daemon, transport, "core:which")
+    assert names == result(daemon, transport, "which") and set(names) >= OPENSIPS_MI_METHODS
+    assert result(daemon, transport, "core:which", {"command": "evi:raise"}) == [
+        ["event"],
+        ["event", "params"],
+    ]
+    assert result(daemon, transport, "evi:subscribe", ["E_4", udp_sink.address, 0]) == "OK"
+    assert result(daemon, transport, "evi:subscribers", ["E_4"])["Event"]["Subscribers"] == []
+    assert code(daemon, transport, "evi:raise", ["E_4"]) == 480
+    assert code(daemon, transport, "evi:raise", ["E_NOPE"]) == 404
+    assert code(daemon, transport, "evi:subscribe", ["E_NOPE", udp_sink.address]) == 400
+    assert code(daemon, transport, "core:nope") == -32601
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)

@@ -80,6 +80,42 @@ def test_mi_client(daemon, udp_sink, kind):
         mi.execute("raise_event", ["E_NOPE"])
 
 
+@pytest.mark.parametrize("kind", ["udp", "unix", "http"])
+def test_mi_client_with_the_opensips_4_names(daemon, udp_sink, kind):
+    """OpenSIPS 4 namespaces its MI commands (evi:, statistics:, core:) and keeps
+    the old names as aliases: a client of either era gets the same answers."""
+    mi = make_mi(daemon, kind)
+    which = mi.execute("core:which", [])
+    assert which == mi.execute("which", []) and set(which) >= OPENSIPS_MI_METHODS
+    assert mi.execute("evi:publish", ["E_TEST"]) == {"name": "E_TEST", "id": 0}
+    assert mi.execute("evi:list", []) == {"Events": [{"name": "E_TEST", "id": 0}]}
+    assert mi.execute("evi:subscribe", ["E_TEST", udp_sink.address, 30]) == "OK"
+    listed = mi.execute("evi:subscribers", {"event": "E_TEST", "socket": udp_sink.address})
+    assert listed["Event"]["Subscriber"]["expire"] == 30
+    assert listed == mi.execute("subscribers_list", ["E_TEST", udp_sink.address])
+    params = json.dumps({"kind": kind})
+    assert mi.execute("evi:raise", {"event": "E_TEST", "params": params}) == "OK"
+    expected = b'{"jsonrpc":"2.0","method":"E_TEST","params":{"kind":"%s"}}' % kind.encode()
+    assert udp_sink.receive(1) == [expected]
+    sent = f"destination:E_TEST@{udp_sink.address}.sent"
+    assert wait_for(lambda: mi.execute("statistics:get", [[sent]]).get(sent) == 1)
+    assert mi.execute("statistics:list", [["mpevent:raised"]]) == {
+        "mpevent:raised": "non-incremental"
+    }
+    assert mi.execute("statistics:reset", [["mpevent:raised"]]) == "OK"
+    assert mi.execute("get_statistics", [["mpevent:raised"]]) == {"mpevent:raised": 0}
+    assert mi.execute("statistics:reset_all", []) == "OK"
+    assert mi.execute("statistics:get", [[sent]]) == {sent: 0}
+    assert mi.execute("core:version", [])["Server"].startswith("mpevent ")
+    assert "Up time" in mi.execute("core:uptime", [])
+    assert mi.execute("core:ps", [])["Processes"][0]["PID"] == daemon.proc.pid
+    assert mi.execute("evi:subscribe", ["E_TEST", udp_sink.address, 0]) == "OK"
+    with pytest.raises(OpenSIPSMIException, match="480"):
+        mi.execute("evi:raise", ["E_TEST"])
+    with pytest.raises(OpenSIPSMIException, match="404"):
+        mi.execute("evi:raise", ["E_NOPE"])
+
+
 # -- OpenSIPSEventHandler -----------------------------------------------------------
 
 

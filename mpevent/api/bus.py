@@ -32,10 +32,10 @@ from mpevent.processes.hub import HubOptions
 from mpevent.processes.producer import Producer
 from mpevent.processes.sender.backlog import BacklogLimits
 from mpevent.protocol.destination import parse_destination
-from mpevent.protocol.policy import DestinationPolicy
+from mpevent.protocol.policy import DestinationPolicy, SettingNames
 from mpevent.shm import counters as stats
 from mpevent.shm.doorbell import Doorbell
-from mpevent.shm.layout import H_STATE, S_PID, STATE_RUNNING, Geometry
+from mpevent.shm.layout import H_STATE, H_TABLE_GEN, S_PID, S_TABLE_GEN, STATE_RUNNING, Geometry
 from mpevent.shm.segment import Segment
 from mpevent.system import bind_datagram
 
@@ -44,6 +44,14 @@ log = logging.getLogger("mpevent")
 
 class BusError(RuntimeError):
     """The hub refused a request or could not be reached."""
+
+
+# An embedded bus's allow-list is set by its keywords, not by the daemon's
+# configuration keys: its refusals say so.
+POLICY_NAMES = SettingNames(
+    networks="EventBus(allowed_networks=[...])",
+    unix_prefixes="EventBus(unix_path_prefixes=[...])",
+)
 
 
 class EventBus:
@@ -80,6 +88,7 @@ class EventBus:
         )
         # Checked here, like the geometry, before anything is allocated.
         backlog_limits = BacklogLimits(backlog, backlog_bytes, sender_backlog_bytes)
+        policy = DestinationPolicy.from_settings(allowed_networks, unix_path_prefixes, POLICY_NAMES)
         self._owner = os.getpid()
         self._seg = Segment.create(geometry)
         self._doorbells = [Doorbell.anonymous() for _ in range(senders)]
@@ -91,7 +100,7 @@ class EventBus:
             parent_pid=self._owner,
             stop_on_sigint=False,
             events=list(events),
-            policy=DestinationPolicy.from_settings(allowed_networks, unix_path_prefixes),
+            policy=policy,
         )
         try:
             self._hub = launch.start_hub(
@@ -142,11 +151,25 @@ class EventBus:
         """Subscribe ``socket`` to ``event`` for ``expire`` seconds.
 
         ``expire=None`` is permanent, ``0`` unsubscribes; subscribing again
-        refreshes the expire time.
+        refreshes the expire time. Returns once every sender routes with the
+        new table, so every event raised afterwards goes to the new subscriber
+        (an event that already had others would otherwise miss it for the
+        microseconds a sender takes to reload).
         """
         if expire is not None and (isinstance(expire, bool) or not isinstance(expire, int)):
             raise TypeError(f"expire must be an int or None, not {type(expire).__name__}")
         self._call("event_subscribe", {"event": event, "socket": socket, "expire": expire})
+        self._wait_routed()
+
+    def _wait_routed(self, timeout: float = 2.0) -> None:
+        """Until every sender routes with the hub's current table (bounded: a
+        sender being replaced catches up when it starts; nothing waits on it)."""
+        words, layout = self._seg.words, self._seg.layout
+        gen = words[H_TABLE_GEN]
+        seen = [layout.sender_word(i) + S_TABLE_GEN for i in range(layout.geometry.senders)]
+        deadline = time.monotonic() + timeout
+        while any(words[w] < gen for w in seen) and time.monotonic() < deadline:
+            time.sleep(0.0005)
 
     def unsubscribe(self, event: str, socket: str) -> None:
         self.subscribe(event, socket, expire=0)

@@ -12,6 +12,12 @@ calls return ``False`` as "dropped". Only on those slow paths, at most twice
 a second, the connection looks for a new segment of the same name and, when
 a new hub runs, reattaches to it by itself. What could not be delivered in
 between is counted in :attr:`Connection.undelivered`.
+
+When no hub serves the name (no segment, a hub that stopped, or one killed
+without cleaning up: its pid gone, its senders with it), :func:`connect`
+waits up to its timeout and then raises :class:`NotServing`, saying so and
+how to start one. It logs attaching (debug), reattaching (info), and once per
+outage that the hub is gone (warning), on the ``mpevent.connect`` logger.
 """
 
 from __future__ import annotations
@@ -23,12 +29,14 @@ import time
 import weakref
 from typing import Any
 
+import psutil
+
 from mpevent.api.client import MICallError, MIClient, MIUnavailable
 from mpevent.defaults import SEGMENT_NAME
 from mpevent.processes.producer import Producer
 from mpevent.shm import counters as stats
 from mpevent.shm.doorbell import Doorbell
-from mpevent.shm.layout import H_STATE, STATE_RUNNING
+from mpevent.shm.layout import H_HUB_PID, H_STATE, STATE_RUNNING
 from mpevent.shm.segment import Segment, SegmentError, shm_path
 from mpevent.shm.table import read_info
 
@@ -39,28 +47,61 @@ class NotServing(ConnectionError):
     """No running hub serves that segment name."""
 
 
+def _how_to_start(name: str) -> str:
+    command = "mpevent serve" if name == SEGMENT_NAME else f"mpevent serve --name {name}"
+    return f"start one with `{command}`"
+
+
+def _hub_alive(pid: int) -> bool:
+    """Whether the hub ``pid`` still runs (a zombie does not: it was killed)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.Error:
+        return True  # someone else's process: alive, as far as we can tell
+
+
 def _attach(name: str, timeout: float) -> tuple[Segment, list[Doorbell], dict]:
+    """Map the segment a live hub serves; :class:`NotServing` once ``timeout``
+    is up, saying why none does and how to start one."""
     deadline = time.monotonic() + timeout
     while True:
-        try:
-            seg = Segment.attach(name)
-        except SegmentError as exc:
-            if time.monotonic() > deadline:
-                raise NotServing(str(exc)) from None
-            time.sleep(0.01)
-            continue
-        if seg.words[H_STATE] == STATE_RUNNING:
-            break
-        seg.close()
+        attached = _try_attach(name)
+        if not isinstance(attached, str):
+            return attached
         if time.monotonic() > deadline:
-            raise NotServing(f"segment {shm_path(name)} exists but no hub runs it")
+            raise NotServing(f"no hub serves segment {shm_path(name)}: {attached}")
         time.sleep(0.01)
+
+
+def _try_attach(name: str) -> tuple[Segment, list[Doorbell], dict] | str:
+    """The segment, its doorbells and info block; or why no hub serves it."""
+    path = shm_path(name)
+    try:
+        seg = Segment.attach(name)
+    except SegmentError as exc:
+        if not path.exists():
+            return f"there is no such segment; {_how_to_start(name)}"
+        return f"{exc}; {_how_to_start(name)}"
+    pid = seg.words[H_HUB_PID]
+    if seg.words[H_STATE] != STATE_RUNNING:
+        seg.close()
+        return f"its hub stopped (or has not started yet); {_how_to_start(name)}"
+    if not _hub_alive(pid):
+        seg.close()
+        # A killed hub cannot mark its segment stopped: it looks running.
+        return (
+            f"its hub (pid {pid}) is gone, killed without cleaning up; "
+            f"{_how_to_start(name)}, which replaces the stale segment"
+        )
     try:
         info = read_info(seg)
         doorbells = [Doorbell.open_fifo(path) for path in info.get("doorbells", [])]
     except (OSError, ValueError) as exc:
         seg.close()
-        raise NotServing(f"cannot open the doorbells of {shm_path(name)}: {exc}") from None
+        # ENXIO: a FIFO nobody reads, a sender gone (its hub was just killed).
+        return f"its senders' doorbells cannot be opened ({exc}); {_how_to_start(name)}"
     return seg, doorbells, info
 
 
@@ -92,7 +133,14 @@ class Connection:
         self.raise_event = self.producer.raise_event
         self.reattached = 0
         self._reattaching = threading.Lock()
+        self._told_gone = False  # the hub-gone warning, once per outage
         _connections.add(self)
+        log.debug(
+            "attached to segment %s (hub pid %d, MI %s)",
+            shm_path(name),
+            seg.words[H_HUB_PID],
+            info.get("mi") or "none",
+        )
 
     @property
     def undelivered(self) -> int:
@@ -138,13 +186,14 @@ class Connection:
         try:
             inode = os.stat(shm_path(self.name)).st_ino
         except OSError:
-            return  # no segment: the daemon is down; keep counting
+            return self._hub_gone()  # no segment: the daemon is down; keep counting
         if inode == self._inode and self._seg.words[H_STATE] == STATE_RUNNING:
-            return
+            return self._hub_gone()  # killed: its segment still says running
         try:
             seg, doorbells, info = _attach(self.name, timeout=0)
         except NotServing:
-            return
+            return self._hub_gone()
+        self._told_gone = False
         old_seg, old_bells = self._seg, self._doorbells
         self._seg, self._doorbells = seg, doorbells
         self._inode = os.fstat(seg.fd).st_ino
@@ -155,6 +204,16 @@ class Connection:
         for bell in old_bells:
             bell.close()
         old_seg.close()
+
+    def _hub_gone(self) -> None:
+        if not self._told_gone:
+            self._told_gone = True
+            log.warning(
+                "no hub serves segment %s: events are not delivered (counted in "
+                "undelivered) until one does (%s); this process reattaches by itself",
+                shm_path(self.name),
+                _how_to_start(self.name),
+            )
 
     def close(self) -> None:
         for bell in self._doorbells:

@@ -28,8 +28,6 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-import orjson
-
 from mpevent import defaults
 from mpevent.protocol import metrics, mi
 from mpevent.protocol.registry import Snapshot
@@ -97,21 +95,14 @@ class _Handler(BaseHTTPRequestHandler):
             return
         try:
             length = int(self.headers.get("Content-Length", ""))
+            if length < 0:
+                raise ValueError(length)
         except ValueError:
             self._send(411, b'{"error":"Content-Length required"}', close=True)
             return
-        if length < 0 or length > mi.MAX_REQUEST:
-            reply = orjson.dumps(
-                {
-                    "jsonrpc": "2.0",
-                    "error": {
-                        "code": mi.INVALID_REQUEST,
-                        "message": f"Request too large (max {mi.MAX_REQUEST} bytes)",
-                    },
-                    "id": None,
-                }
-            )
-            self._send(413, reply, close=True)
+        if length > mi.MAX_REQUEST:
+            # The JSON-RPC error too, with the size: a client shows that, not "HTTP 413".
+            self._send(413, mi.request_too_large_reply(length), close=True)
             return
         body = self.rfile.read(length)
         data = self._ask_hub(body)

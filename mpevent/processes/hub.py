@@ -4,7 +4,9 @@ One loop, in one process. Signals only append to a queue and wake the loop
 through a pipe (``signal.set_wakeup_fd``); the loop then:
 
 * answers MI requests on its datagram sockets (:mod:`mpevent.protocol.mi`,
-  which shows counters and processes through :mod:`mpevent.protocol.mi_views`);
+  which shows counters and processes through :mod:`mpevent.protocol.mi_views`)
+  and on the transports given to it as :class:`LoopService` (the daemon's
+  FIFO, :mod:`mpevent.api.mififo`), polled in the same loop;
 * writes registry changes into the segment's table (:mod:`mpevent.shm.table`)
   and rings the senders so they reload at once;
 * expires subscriptions on time;
@@ -15,7 +17,11 @@ through a pipe (``signal.set_wakeup_fd``); the loop then:
   slot the registry assigns, and starts it again when it exits (a new one
   for the slot's new destination when that changed);
 * frees the lanes of producers that died (:mod:`mpevent.processes.reclaim`);
-* in embedded mode, stops when the process that created the bus is gone.
+* in embedded mode, stops when the process that created the bus is gone;
+* logs what an operator debugs: events published, subscriptions added,
+  removed and expired (info) or refreshed (debug) (:class:`RegistryLog`),
+  senders and relays started (debug) and started again (info), reloads
+  with what they changed.
 
 The hub itself is a fresh interpreter too: ``EventBus`` starts it through
 :mod:`mpevent.processes.launch`, and ``mpevent serve`` runs it in its own
@@ -38,9 +44,9 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import psutil
 
@@ -52,7 +58,7 @@ from mpevent.processes.sender.backlog import BacklogLimits
 from mpevent.protocol import mi, mi_views
 from mpevent.protocol.destination import Destination
 from mpevent.protocol.policy import DestinationPolicy
-from mpevent.protocol.registry import Registry
+from mpevent.protocol.registry import Registry, Subscription
 from mpevent.shm import counters as stats
 from mpevent.shm import table
 from mpevent.shm.doorbell import Doorbell
@@ -74,6 +80,19 @@ MAX_DATAGRAM_REPLY = 65507  # the largest UDP payload; HTTP has no such limit
 LOOP_TIMEOUT = 0.5
 HOUSEKEEPING_INTERVAL = 0.2  # reclaiming dead producers' lanes, watching the parent
 RELAY_STOP_GRACE_NS = 3_000_000_000  # past the drain deadline, before a relay is killed
+
+
+class LoopService(Protocol):
+    """A transport the loop serves besides its datagram sockets (the MI FIFO,
+    :mod:`mpevent.api.mififo`): it says which descriptors to poll and when
+    it next needs :meth:`tick`, and hands its requests to ``bind``'s handler."""
+
+    def bind(self, handle: Callable[[bytes], bytes | None]) -> None: ...
+    def poll_fds(self) -> dict[int, int]: ...
+    def on_ready(self, fd: int, events: int) -> None: ...
+    def next_due(self) -> float | None: ...
+    def tick(self, now: float) -> None: ...
+    def close(self) -> None: ...
 
 
 @dataclass
@@ -101,13 +120,22 @@ class Hub:
         mi_sockets: list[socket.socket],
         options: HubOptions,
         started: dict[int, subprocess.Popen[bytes]] | None = None,
+        services: Sequence[LoopService] = (),
+        lifecycle: Callable[[str], None] | None = None,
     ):
         """``started``: senders already started, by index (they wait for the
-        hub to run); :meth:`run` starts the others."""
+        hub to run); :meth:`run` starts the others. ``services``: more MI
+        transports for the loop (the daemon's FIFO); ``lifecycle`` is told
+        "ready" once the hub runs and "stopping" when it starts draining
+        (the daemon tells systemd)."""
         self.seg = seg
         self.doorbells = doorbells
         self.mi_sockets = mi_sockets
         self.options = options
+        self.services = list(services)
+        for service in self.services:
+            service.bind(self._handle)
+        self._lifecycle = lifecycle
         g = seg.layout.geometry
         self.registry = Registry(g.max_events, g.max_subs, options.max_subs_per_event, g.relays)
         self.started = time.time()
@@ -126,10 +154,14 @@ class Hub:
         self._warned_sharing = False  # the one warning that processes share lanes
         self._stopping = False
         self._configured: set[tuple[str, Destination]] = set()
+        self._changes = RegistryLog()  # logs what each table store changed
+        # (role, index) of every process started once: a second start is a respawn.
+        self._ever_started = {("sender", index) for index in (started or {})}
         # Requests from transports running in other threads (HTTP): handled
         # here, in the loop, so the registry has a single thread.
         self._requests: queue.SimpleQueue[tuple[bytes | Callable[[Hub], Any], Callable[..., None]]]
         self._requests = queue.SimpleQueue()
+        self._datagram = bytearray(mi.MAX_REQUEST + 1)  # an MI request datagram, received
         self._wake_r, self._wake_w = os.pipe()
         for fd in (self._wake_r, self._wake_w):
             os.set_blocking(fd, False)
@@ -145,6 +177,7 @@ class Hub:
 
     def store_table(self) -> None:
         self._known_events = table.store_registry(self.seg, self.registry, self._known_events)
+        self._changes.stored(self.registry)  # only once stored: a refused change is undone
         if self._stopping:
             table.clear_counts(self.seg)
         for bell in self.doorbells:
@@ -189,6 +222,7 @@ class Hub:
             self.seg.fd, index, self.doorbells[index].read_fd, self.options.backlog, os.getpid()
         )
         self.senders[proc.pid] = (index, proc)
+        self._log_start("sender", index, proc.pid)
         return proc.pid
 
     def spawn_relay(self, slot: int) -> int:
@@ -196,7 +230,16 @@ class Hub:
         to the broker destination the table assigns the slot."""
         proc = launch.start_relay(self.seg.fd, slot, self.options.backlog, os.getpid())
         self.relays[proc.pid] = (slot, proc)
+        dest = self.registry.relays[slot] if slot < len(self.registry.relays) else None
+        self._log_start("relay", slot, proc.pid, f" for {dest}" if dest is not None else "")
         return proc.pid
+
+    def _log_start(self, role: str, index: int, pid: int, detail: str = "") -> None:
+        if (role, index) in self._ever_started:
+            log.info("%s %d started again (pid %d)%s", role, index, pid, detail)
+        else:
+            self._ever_started.add((role, index))
+            log.debug("%s %d started (pid %d)%s", role, index, pid, detail)
 
     def _start_relays(self) -> None:
         """A relay for every assigned relay slot that has none (and none due
@@ -286,16 +329,26 @@ class Hub:
         by_fd = {s.fileno(): s for s in self.mi_sockets}
         for fd in by_fd:
             poller.register(fd, select.POLLIN)
+        service_fds: dict[int, LoopService] = {}
+        if self._lifecycle is not None:
+            self._lifecycle("ready")
         next_housekeeping = 0.0
         while not self._stopping:
             timeout = LOOP_TIMEOUT
+            service_fds = self._poll_services(poller, service_fds)
+            for service in self.services:
+                due = service.next_due()
+                if due is not None:
+                    timeout = min(timeout, max(0.0, due - time.monotonic()))
             if self._respawn or self._relay_respawn:
                 timeout = min(timeout, RESPAWN_DELAY)
             deadline = self.registry.next_deadline()
             if deadline is not None:
                 timeout = min(timeout, max(0.0, (deadline - time.monotonic_ns()) / 1e9))
-            for fd, _ in poller.poll(timeout * 1000):
-                if fd == self._wake_r:
+            for fd, events in poller.poll(timeout * 1000):
+                if fd in service_fds:
+                    service_fds[fd].on_ready(fd, events)
+                elif fd == self._wake_r:
                     try:
                         os.read(self._wake_r, 4096)
                     except BlockingIOError:
@@ -303,9 +356,13 @@ class Hub:
                 else:
                     self._serve(by_fd[fd])
             self._serve_queued()
+            for service in self.services:
+                service.tick(time.monotonic())
             self._handle_signals()
             self._respawn_due()
-            if self.registry.expire(time.monotonic_ns()):
+            expired = self.registry.expire(time.monotonic_ns())
+            if expired:
+                self._changes.expired(self.registry, expired)
                 self.store_table()
             now = time.monotonic()
             if now >= next_housekeeping:  # not on every MI request: syscalls per lane
@@ -353,9 +410,11 @@ class Hub:
             return
         if new is None:
             return
+        old, events_before = self.options, len(self.registry.events)
         self.options = new
         self._apply_configured()
-        log.info("SIGHUP: configuration reloaded")
+        changes = reload_changes(old, new, self.registry.events[events_before:])
+        log.info("SIGHUP: configuration reloaded: %s", "; ".join(changes) or "nothing changed")
 
     def _apply_configured(self) -> None:
         """Declare configured events; make permanent subscriptions match the config
@@ -409,13 +468,17 @@ class Hub:
     def _serve(self, sock: socket.socket) -> None:
         for _ in range(64):  # bounded: signals and expiry must not starve
             try:
-                raw, addr = sock.recvfrom(mi.MAX_REQUEST + 1)
+                # MSG_TRUNC: the datagram's real size, even past the buffer, so a
+                # request over the limit is answered with its size.
+                size, addr = sock.recvfrom_into(self._datagram, 0, socket.MSG_TRUNC)
             except BlockingIOError:
                 return
             except OSError as exc:
                 log.warning("MI receive failed: %s", exc)
                 return
-            reply = self._handle(raw)
+            raw = bytes(memoryview(self._datagram)[:size])
+            too_large = size > mi.MAX_REQUEST
+            reply = mi.request_too_large_reply(size) if too_large else self._handle(raw)
             if reply is None or not addr:
                 continue
             if len(reply) > MAX_DATAGRAM_REPLY:
@@ -426,7 +489,28 @@ class Hub:
                 if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT, errno.EAGAIN):
                     log.warning("MI reply to %r failed: %s", addr, exc)
 
+    def _poll_services(
+        self, poller: select.poll, registered: dict[int, LoopService]
+    ) -> dict[int, LoopService]:
+        """Register what the services want polled now (their descriptors change:
+        a FIFO opened again, a reply being written); the new fd -> service map."""
+        wanted: dict[int, LoopService] = {}
+        for service in self.services:
+            for fd, events in service.poll_fds().items():
+                poller.register(fd, events)  # registers, or modifies the events
+                wanted[fd] = service
+        for fd in registered.keys() - wanted.keys():
+            try:
+                poller.unregister(fd)
+            except KeyError:
+                pass
+        return wanted
+
     def _stop(self) -> int:
+        if self._lifecycle is not None:
+            self._lifecycle("stopping")
+        for service in self.services:
+            service.close()  # a FIFO client would wait on a FIFO nobody reads
         words = self.seg.words
         deadline = time.monotonic_ns() + int(self.options.drain_timeout * 1e9)
         words[H_DRAIN_DEADLINE_NS] = deadline
@@ -461,6 +545,66 @@ class Hub:
         os.close(self._wake_r)
         os.close(self._wake_w)
         return 0
+
+
+class RegistryLog:
+    """Logs what changed in the registry from one table store to the next:
+    events declared, subscriptions added and removed (info), refreshed
+    (debug); expired ones (info) as the loop removes them. It compares the
+    registry with what it saw at the last store, so every path (MI,
+    configuration, expiry) is logged the same way and the registry stays pure."""
+
+    def __init__(self) -> None:
+        self._events = 0
+        # (event id, destination) -> (subscription id, start): a new id is a new
+        # subscription, a new start a refresh.
+        self._subs: dict[tuple[int, Destination], tuple[int, int]] = {}
+
+    def stored(self, registry: Registry) -> None:
+        for event_id in range(self._events, len(registry.events)):
+            log.info("event %s published (id %d)", registry.events[event_id], event_id)
+        self._events = len(registry.events)
+        seen = {}
+        for sub in registry.subscriptions():
+            key = (sub.event_id, sub.destination)
+            seen[key] = (sub.sub_id, sub.start_ns)
+            before = self._subs.get(key)
+            if before is None or before[0] != sub.sub_id:
+                log.info("subscribed %s", _described(registry, sub))
+            elif before[1] != sub.start_ns:
+                log.debug("subscription refreshed: %s", _described(registry, sub))
+        for event_id, dest in self._subs.keys() - seen.keys():
+            log.info("unsubscribed %s from %s", dest, registry.events[event_id])
+        self._subs = seen
+
+    def expired(self, registry: Registry, gone: list[Subscription]) -> None:
+        for sub in gone:
+            self._subs.pop((sub.event_id, sub.destination), None)
+            log.info("subscription expired: %s", _described(registry, sub))
+
+
+def _described(registry: Registry, sub: Subscription) -> str:
+    lifetime = "permanent" if sub.expire is None else f"expire {sub.expire} s"
+    return f"{sub.destination} to {registry.events[sub.event_id]} ({lifetime})"
+
+
+def reload_changes(old: HubOptions, new: HubOptions, declared: list[str]) -> list[str]:
+    """What a reload changed, for its log line (pure)."""
+    changes = []
+    if declared:
+        changes.append(f"events published {', '.join(declared)}")
+    dropped = [e for e in dict.fromkeys(old.events) if e not in new.events]
+    if dropped:
+        # Event ids are never reused: a declared event stays until a restart.
+        changes.append(f"events no longer configured (still published) {', '.join(dropped)}")
+    before, after = set(old.subscriptions), set(new.subscriptions)
+    for label, subs in (("added", after - before), ("removed", before - after)):
+        if subs:
+            listed = ", ".join(f"{event} {dest}" for event, dest in sorted(subs, key=str))
+            changes.append(f"permanent subscriptions {label}: {listed}")
+    if old.policy != new.policy:
+        changes.append("allow-list (security.allowed_networks, unix_path_prefixes) changed")
+    return changes
 
 
 def _measure(pid: int) -> tuple[float, int] | None:

@@ -63,6 +63,7 @@ def start_hub(
     policy = settings.pop("policy")
     settings["allowed_networks"] = [str(n) for n in policy["networks"]]
     settings["unix_path_prefixes"] = list(policy["unix_prefixes"])
+    settings["policy_names"] = policy["names"]  # what its messages call those settings
     spec = {
         "segment_fd": segment_fd,
         "doorbells": [list(pair) for pair in doorbells],
@@ -126,11 +127,13 @@ def _run_hub(spec: dict[str, Any]) -> int:
     import socket
 
     from mpevent.processes.hub import Hub, HubOptions
-    from mpevent.protocol.policy import DestinationPolicy
+    from mpevent.protocol.policy import DestinationPolicy, SettingNames
     from mpevent.shm.doorbell import Doorbell
 
     policy = DestinationPolicy.from_settings(
-        settings.pop("allowed_networks"), settings.pop("unix_path_prefixes")
+        settings.pop("allowed_networks"),
+        settings.pop("unix_path_prefixes"),
+        SettingNames(**settings.pop("policy_names")),
     )
     options = HubOptions(**settings, backlog=backlog, policy=policy)
     doorbells = [Doorbell(r, w) for r, w in spec["doorbells"]]

@@ -27,6 +27,9 @@ on a later pass, once it is drained.
 
 Whether the owner is alive is the kernel's lock, not a pid: a reused pid
 cannot fool it.
+
+It logs (``mpevent.reclaim``) each lane a producer claims and each dead
+producer's lane it holds (debug), and each lane freed or repaired (info).
 """
 
 from __future__ import annotations
@@ -59,6 +62,8 @@ class Reclaimed:
 class LaneReclaimer:
     def __init__(self, seg: Segment):
         self.seg = seg
+        # Each lane's owner pid at the last pass: a change is a producer attaching.
+        self._owners = [0] * seg.layout.geometry.lanes
 
     def scan(self) -> list[Reclaimed]:
         """One pass: hold newly dead lanes, free those whose sender drained
@@ -68,11 +73,17 @@ class LaneReclaimer:
         done = []
         for lane in range(layout.geometry.lanes):
             w = layout.lane_word(lane)
-            if lane not in seg.held and not seg.hold_dead_lane(lane):
-                continue
+            owner = words[w + L_OWNER_PID]
+            if owner != self._owners[lane]:
+                self._owners[lane] = owner
+                if owner and lane not in seg.held:
+                    log.debug("lane %d claimed by producer %d", lane, owner)
+            if lane not in seg.held:
+                if not seg.hold_dead_lane(lane):
+                    continue
+                log.debug("producer %d of lane %d is gone: lane held until drained", owner, lane)
             if words[w + L_HEAD] != words[w + L_TAIL]:
                 continue  # the sender has not drained it yet
-            owner = words[w + L_OWNER_PID]
             repaired = self._reconcile(lane)
             seg.free_held_lane(lane)
             words[H_REPAIRED] += repaired

@@ -42,7 +42,7 @@ handshake together), a peer that goes silent is detected by pika's
 heartbeat check (it looks every ``heartbeat`` + 5 s, so it takes between
 that and twice that), and meanwhile at most :data:`WINDOW` publishes wait
 in the socket while the rest waits, bounded, in the queue. Reconnects back
-off from 0.1 s, doubling to 5 s.
+off from 0.1 s, doubling to 1 s.
 
 Records for a subscription that is no longer in the table (unsubscribed,
 expired), or whose member index does not match this destination, are
@@ -94,7 +94,9 @@ BATCH = 256  # records per hand-off lane per pass: fairness between senders
 BUSY_PASS = 0.001  # seconds between passes while there is work...
 IDLE_PASS = 0.020  # ...backing off to this when idle: an idle relay costs ~no CPU
 BACKOFF_FIRST = 0.1  # reconnect delay after a failure, doubling...
-BACKOFF_MAX = 5.0  # ...up to this; back to the first after a connection that confirmed
+# ...up to this (a refused connect costs ~nothing, and a broker back up is
+# used within a second); back to the first after a connection that confirmed.
+BACKOFF_MAX = 1.0
 # A broker that blocks publishers (a resource alarm) this long: reconnect.
 BLOCKED_TIMEOUT = 30.0
 STOP_GRACE_NS = 1_000_000_000  # stopping: confirms awaited past the drain deadline

@@ -23,6 +23,9 @@ configuration it has). Example::
     unix = "/run/mpevent/mpevent.sock"
     unix_mode = "0660"
     http = "127.0.0.1:8888"
+    fifo = "/tmp/opensips_fifo"  # OpenSIPS mi_fifo; default: NAME_fifo in the runtime directory
+    fifo_mode = "0660"
+    fifo_reply_dir = "/tmp/"     # where clients make their reply FIFOs
 
     [log]
     level = "info"
@@ -93,6 +96,9 @@ class MISection(_Strict):
     unix: str | None = None
     unix_mode: str = f"{defaults.MI_UNIX_MODE:04o}"
     http: str = ""
+    fifo: str | None = None  # None: NAME_fifo in the runtime directory; "": disabled
+    fifo_mode: str = f"{defaults.MI_UNIX_MODE:04o}"
+    fifo_reply_dir: str = "/tmp/"
     allow_remote: bool = False  # bind beyond loopback (a warning is logged)
 
 
@@ -132,6 +138,9 @@ class ServeConfig:
     mi_unix: Path | None
     mi_unix_mode: int
     mi_http: tuple[str, int] | None
+    mi_fifo: Path | None  # the MI over a FIFO, as OpenSIPS mi_fifo
+    mi_fifo_mode: int
+    mi_fifo_reply_dir: Path
     log_level: str
     events: tuple[str, ...]
     # Permanent subscriptions (event, destination), parsed and allowed by
@@ -221,6 +230,13 @@ def _validate(c: FileConfig, where: str) -> ServeConfig:
             raise ValueError
     except ValueError:
         raise fail("mi.unix_mode", f"{mi.unix_mode!r} is not an octal mode like '0660'") from None
+    fifo = rundir / f"{seg.name}_fifo" if mi.fifo is None else Path(mi.fifo) if mi.fifo else None
+    if fifo is not None and not fifo.is_absolute():
+        raise fail("mi.fifo", f"{mi.fifo!r} must be an absolute path")
+    fifo_mode = _mode(mi.fifo_mode, "mi.fifo_mode", fail)
+    reply_dir = Path(mi.fifo_reply_dir)
+    if not reply_dir.is_absolute():
+        raise fail("mi.fifo_reply_dir", f"{mi.fifo_reply_dir!r} must be an absolute directory")
     level = c.log.level.lower()
     if level not in defaults.LOG_LEVELS:
         levels = ", ".join(defaults.LOG_LEVELS)
@@ -251,8 +267,15 @@ def _validate(c: FileConfig, where: str) -> ServeConfig:
             policy.check(dest)
         except (DestinationError, DestinationRefused) as exc:
             raise fail(f"subscribe[{i}].socket", str(exc)) from None
+        # As OpenSIPS refuses to subscribe to an event nobody published: a
+        # subscription never declares its event, so a typo cannot pass unseen.
+        if sub.event not in c.events:
+            raise fail(
+                f"subscribe[{i}].event",
+                f"{sub.event!r} is not one of the events: add it to `events` (or correct the name)",
+            )
         subs.append((sub.event, dest))
-    events = tuple(dict.fromkeys([*c.events, *(e for e, _ in subs)]))
+    events = tuple(dict.fromkeys(c.events))
     return ServeConfig(
         name=seg.name,
         geometry=geometry,
@@ -262,6 +285,9 @@ def _validate(c: FileConfig, where: str) -> ServeConfig:
         mi_unix=unix,
         mi_unix_mode=mode,
         mi_http=http,
+        mi_fifo=fifo,
+        mi_fifo_mode=fifo_mode,
+        mi_fifo_reply_dir=reply_dir,
         log_level=level,
         events=events,
         subscriptions=tuple(subs),
@@ -270,6 +296,16 @@ def _validate(c: FileConfig, where: str) -> ServeConfig:
         runtime_dir=rundir,
         source=where,
     )
+
+
+def _mode(text: str, key: str, fail) -> int:
+    try:
+        mode = int(text, 8)
+        if not 0 <= mode <= 0o777:
+            raise ValueError
+    except ValueError:
+        raise fail(key, f"{text!r} is not an octal mode like '0660'") from None
+    return mode
 
 
 def _host_port(text: str, key: str, fail, allow_remote: bool) -> tuple[str, int] | None:

@@ -7,9 +7,13 @@ control socket) all call it, so every transport behaves the same.
 
 Method names, parameter names, result shapes and error codes are OpenSIPS's,
 so OpenSIPS tools (the ``opensips`` Python package, opensips-cli) work
-unchanged. ``event_publish`` is mpevent's own addition, named in OpenSIPS's
-words: it declares an event, which OpenSIPS modules do in C and mpevent's
-producers do through the MI.
+unchanged. Every method has its OpenSIPS 4.x name (``evi:subscribe``,
+``statistics:get``, ``core:uptime``) and keeps its older name as an alias
+(``event_subscribe``, ``get_statistics``, ``uptime``), as OpenSIPS 4 does:
+one entry of the method table, answered under both names with the same
+params and results. ``evi:publish`` (alias ``event_publish``) is mpevent's own
+addition, named in OpenSIPS's words: it declares an event, which OpenSIPS
+modules do in C and mpevent's producers do through the MI.
 """
 
 from __future__ import annotations
@@ -75,20 +79,50 @@ Method = Callable[[HubState, dict[str, Any]], Any]
 
 
 class _Spec:
-    __slots__ = ("fn", "optional", "required")
+    """One MI method: its handler, its params (in OpenSIPS's order) and its names."""
 
-    def __init__(self, fn: Method, required: tuple[str, ...], optional: tuple[str, ...]):
+    __slots__ = ("aliases", "fn", "name", "optional", "required")
+
+    def __init__(
+        self,
+        name: str,
+        aliases: tuple[str, ...],
+        fn: Method,
+        required: tuple[str, ...],
+        optional: tuple[str, ...],
+    ):
+        self.name = name  # the OpenSIPS 4.x name, GROUP:COMMAND
+        self.aliases = aliases  # the names it had before 4.x
         self.fn = fn
         self.required = required
         self.optional = optional
 
+    def recipes(self) -> list[list[str]]:
+        """The param lists it takes, as OpenSIPS's ``which COMMAND`` shows them."""
+        names = self.required + self.optional
+        return [list(names[:n]) for n in range(len(self.required), len(names) + 1)]
 
+
+# Every name the MI answers, 4.x names and aliases alike: an alias is a
+# second key to the same _Spec, never a copy of it.
 METHODS: dict[str, _Spec] = {}
 
 
-def method(name: str, required: tuple[str, ...] = (), optional: tuple[str, ...] = ()):
+def method(
+    name: str,
+    *,
+    aliases: tuple[str, ...] = (),
+    required: tuple[str, ...] = (),
+    optional: tuple[str, ...] = (),
+):
+    """Register a handler under its 4.x ``name`` and its older ``aliases``."""
+
     def register(fn: Method) -> Method:
-        METHODS[name] = _Spec(fn, required, optional)
+        spec = _Spec(name, aliases, fn, required, optional)
+        for key in (name, *aliases):
+            if key in METHODS:
+                raise ValueError(f"MI method name {key!r} registered twice")
+            METHODS[key] = spec
         return fn
 
     return register
@@ -160,7 +194,7 @@ def _error(req_id: Any, code: int, message: str) -> dict[str, Any]:
 def handle(state: HubState, raw: bytes) -> bytes | None:
     """One request datagram/body to one reply (None: send nothing back)."""
     if len(raw) > MAX_REQUEST:
-        reply = _error(None, INVALID_REQUEST, f"Request too large (max {MAX_REQUEST} bytes)")
+        return request_too_large_reply(len(raw))
     else:
         try:
             request = orjson.loads(raw)
@@ -184,6 +218,14 @@ def handle(state: HubState, raw: bytes) -> bytes | None:
     return orjson.dumps(reply)
 
 
+def request_too_large_reply(size: int) -> bytes:
+    """The error for a request of ``size`` bytes, over :data:`MAX_REQUEST`. Its id is
+    null: a request that large is not read. Transports that learn the size
+    without reading the request (a datagram's length, Content-Length) call it."""
+    message = f"Request too large: {size} bytes (max {MAX_REQUEST} bytes)"
+    return orjson.dumps(_error(None, INVALID_REQUEST, message))
+
+
 def too_large_reply(raw: bytes, size: int) -> bytes:
     """The error a datagram client gets when its reply would not fit a datagram."""
     try:
@@ -199,7 +241,7 @@ def too_large_reply(raw: bytes, size: int) -> bytes:
 # -- events and subscriptions ---------------------------------------------
 
 
-@method("event_publish", required=("event",))
+@method("evi:publish", aliases=("event_publish",), required=("event",))
 def _declare_event(state: HubState, p: dict[str, Any]) -> dict[str, Any]:
     name = _str(p, "event")
     try:
@@ -210,7 +252,12 @@ def _declare_event(state: HubState, p: dict[str, Any]) -> dict[str, Any]:
     return {"name": name, "id": event_id}
 
 
-@method("event_subscribe", required=("event", "socket"), optional=("expire",))
+@method(
+    "evi:subscribe",
+    aliases=("event_subscribe",),
+    required=("event", "socket"),
+    optional=("expire",),
+)
 def _event_subscribe(state: HubState, p: dict[str, Any]) -> str:
     event = _str(p, "event")
     try:
@@ -256,12 +303,12 @@ def _subscriber(state: HubState, sub) -> dict[str, Any]:
     }
 
 
-@method("events_list")
+@method("evi:list", aliases=("events_list",))
 def _events_list(state: HubState, p: dict[str, Any]) -> dict[str, Any]:
     return {"Events": [{"name": n, "id": i} for i, n in enumerate(state.registry.events)]}
 
 
-@method("subscribers_list", optional=("event", "socket"))
+@method("evi:subscribers", aliases=("subscribers_list",), optional=("event", "socket"))
 def _subscribers_list(state: HubState, p: dict[str, Any]) -> dict[str, Any]:
     registry = state.registry
     event = p.get("event")
@@ -298,7 +345,7 @@ def _subscribers_list(state: HubState, p: dict[str, Any]) -> dict[str, Any]:
     return {"Event": info}
 
 
-@method("raise_event", required=("event",), optional=("params",))
+@method("evi:raise", aliases=("raise_event",), required=("event",), optional=("params",))
 def _raise_event(state: HubState, p: dict[str, Any]) -> str:
     event = _str(p, "event")
     try:
@@ -354,31 +401,39 @@ def _select(stats: dict[str, int], names: list[str]) -> dict[str, int]:
     return out
 
 
-@method("get_statistics", optional=("statistics",))
+@method("statistics:get", aliases=("get_statistics",), optional=("statistics",))
 def _get_statistics(state: HubState, p: dict[str, Any]) -> dict[str, int]:
     return _select(state.statistics(), _stat_names(p))
 
 
-@method("list_statistics", optional=("statistics",))
+@method("statistics:list", aliases=("list_statistics",), optional=("statistics",))
 def _list_statistics(state: HubState, p: dict[str, Any]) -> dict[str, str]:
     return dict.fromkeys(_select(state.statistics(), _stat_names(p)), "non-incremental")
 
 
-@method("reset_statistics", required=("statistics",))
+@method("statistics:reset", aliases=("reset_statistics",), required=("statistics",))
 def _reset_statistics(state: HubState, p: dict[str, Any]) -> str:
     state.reset_statistics(list(_select(state.statistics(), _stat_names(p))))
+    return "OK"
+
+
+@method("statistics:reset_all", aliases=("reset_all_statistics",))
+def _reset_all_statistics(state: HubState, p: dict[str, Any]) -> str:
+    # Every statistic there is now; the hub skips the gauges (pending), as
+    # OpenSIPS skips the statistics that cannot be reset.
+    state.reset_statistics(list(state.statistics()))
     return "OK"
 
 
 # -- process facts ----------------------------------------------------------
 
 
-@method("ps")
+@method("core:ps", aliases=("ps",))
 def _ps(state: HubState, p: dict[str, Any]) -> dict[str, Any]:
     return {"Processes": state.processes()}
 
 
-@method("uptime")
+@method("core:uptime", aliases=("uptime",))
 def _uptime(state: HubState, p: dict[str, Any]) -> dict[str, Any]:
     now = time.time()
     return {
@@ -388,11 +443,25 @@ def _uptime(state: HubState, p: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-@method("version")
+@method("core:version", aliases=("version",))
 def _version(state: HubState, p: dict[str, Any]) -> dict[str, str]:
     return {"Server": f"mpevent {defaults.version()}"}
 
 
-@method("which")
-def _which(state: HubState, p: dict[str, Any]) -> list[str]:
-    return sorted(METHODS)
+@method("core:which", aliases=("which",), optional=("command",))
+def _which(state: HubState, p: dict[str, Any]) -> list[str] | list[list[str]]:
+    if p.get("command") is None:
+        # Every name answered, the 4.x names and their aliases: opensips-cli
+        # runs only the commands ``which`` lists, and scripts of either era
+        # use their own names.
+        return sorted(METHODS)
+    command = _str(p, "command")
+    if command.endswith(":"):  # OpenSIPS 4: ``which command=GROUP:`` lists a group
+        group = sorted({s.name for s in METHODS.values() if s.name.startswith(command)})
+        if not group:
+            raise MIError(404, "unknown MI command group")
+        return group
+    spec = METHODS.get(command)
+    if spec is None:
+        raise MIError(404, "unknown MI command")
+    return spec.recipes()

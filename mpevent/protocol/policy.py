@@ -9,8 +9,10 @@ any path; the file system's permissions already guard UNIX sockets). A
 virtual destination is allowed only if every one of its members is. A
 refused subscription gets an error naming the destination (as ``str``
 prints it: a broker password masked), the member at fault, and the setting
-that would allow it. Subscriptions from the configuration file follow the
-same rule.
+that would allow it, by the name it has where the policy was built
+(:class:`SettingNames`): the daemon's configuration keys by default,
+``EventBus``'s keywords for an embedded bus. Subscriptions from the
+configuration file follow the same rule.
 """
 
 from __future__ import annotations
@@ -39,25 +41,41 @@ class DestinationRefused(ValueError):
 
 
 @dataclass(frozen=True)
+class SettingNames:
+    """What the policy's settings are called where they are set, for messages:
+    whoever builds the policy decides (a configuration key, a keyword)."""
+
+    networks: str = NETWORKS_SETTING
+    unix_prefixes: str = PREFIXES_SETTING
+
+
+CONFIG_NAMES = SettingNames()  # the daemon's configuration file
+
+
+@dataclass(frozen=True)
 class DestinationPolicy:
     networks: tuple[Network, ...] = LOOPBACK
     unix_prefixes: tuple[str, ...] = field(default_factory=tuple)  # empty: any path
+    names: SettingNames = CONFIG_NAMES
 
     @classmethod
     def from_settings(
-        cls, networks: Iterable[str] | None = None, unix_prefixes: Iterable[str] | None = None
+        cls,
+        networks: Iterable[str] | None = None,
+        unix_prefixes: Iterable[str] | None = None,
+        names: SettingNames = CONFIG_NAMES,
     ) -> DestinationPolicy:
         nets = LOOPBACK
         if networks is not None:
             try:
                 nets = tuple(ipaddress.ip_network(n, strict=False) for n in networks)
             except ValueError as exc:
-                raise ValueError(f"{NETWORKS_SETTING}: {exc}") from None
+                raise ValueError(f"{names.networks}: {exc}") from None
         prefixes = tuple(unix_prefixes or ())
         for prefix in prefixes:
             if not prefix.startswith("/"):
-                raise ValueError(f"{PREFIXES_SETTING}: {prefix!r} is not an absolute path")
-        return cls(nets, prefixes)
+                raise ValueError(f"{names.unix_prefixes}: {prefix!r} is not an absolute path")
+        return cls(nets, prefixes, names)
 
     def check(self, dest: Destination) -> None:
         """Raise :class:`DestinationRefused` unless ``dest`` (every member of
@@ -80,7 +98,7 @@ class DestinationPolicy:
                 allowed = ", ".join(str(n) for n in self.networks) or "none"
                 return (
                     f"is outside the allowed networks ({allowed}); "
-                    f"add its network to {NETWORKS_SETTING} to allow it"
+                    f"add its network to {self.names.networks} to allow it"
                 )
             return None
         if dest.kind != "unix":
@@ -91,6 +109,6 @@ class DestinationPolicy:
             if not any(path.is_relative_to(prefix) for prefix in self.unix_prefixes):
                 return (
                     f"is not under an allowed path "
-                    f"({', '.join(self.unix_prefixes)}); add a prefix to {PREFIXES_SETTING}"
+                    f"({', '.join(self.unix_prefixes)}); add a prefix to {self.names.unix_prefixes}"
                 )
         return None

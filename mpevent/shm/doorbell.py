@@ -8,8 +8,12 @@ to the doorbell, so only the empty-to-non-empty transition costs a syscall.
 
 The flag store and the tail load on each side can be reordered by the CPU
 (store-load reordering exists even on x86-64), so a wake-up can be lost. The
-sender therefore never sleeps longer than :data:`MAX_SLEEP` seconds: a lost
-wake-up costs at most that delay, never a stall.
+sender therefore never sleeps longer than :data:`MAX_SLEEP` seconds while
+events flow, and :data:`IDLE_MAX_SLEEP` once it has had nothing to do for
+:data:`IDLE_AFTER_NS`: a lost wake-up costs at most that delay, never a
+stall. The window in which one can be lost is a few nanoseconds, so the
+longer bound is almost never paid, and an idle sender wakes only a few
+times a second (costing ~0.0 % of a core instead of ~2 %).
 
 Embedded mode uses an anonymous pipe (inherited by every forked process);
 daemon mode a FIFO in the runtime directory, which unrelated producers open
@@ -22,7 +26,9 @@ import os
 import stat
 from pathlib import Path
 
-MAX_SLEEP = 0.02
+MAX_SLEEP = 0.02  # seconds: the longest sleep while events flow
+IDLE_MAX_SLEEP = 0.25  # ... and after IDLE_AFTER_NS without any
+IDLE_AFTER_NS = 1_000_000_000
 
 
 class Doorbell:

@@ -104,6 +104,7 @@ S_SLEEPING = 0
 S_LOOPS = 8  # passes of the sender's loop (a test watches it spin, or not)
 S_AGE_MAX = 9  # ns: the oldest record any batch held when it was sent
 S_PID = 10  # the pid of the sender serving this block, stored when its loop starts
+S_TABLE_GEN = 11  # the table generation it routes with (EventBus.subscribe waits for it)
 # Events by the age of their batch's oldest record when the batch was sent
 # (raise to sendmmsg, an upper bound for each event in it): word
 # S_AGE_HIST + k counts ages below 2**k us (k = 0: under 1 us), the last

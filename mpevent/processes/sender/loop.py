@@ -51,7 +51,7 @@ from mpevent.processes.sender.routing import Routing, route
 from mpevent.processes.sender.transports import Transports
 from mpevent.protocol.payload import MAX_DATAGRAM, Notification
 from mpevent.protocol.registry import Route
-from mpevent.shm.doorbell import MAX_SLEEP, Doorbell
+from mpevent.shm.doorbell import IDLE_AFTER_NS, IDLE_MAX_SLEEP, MAX_SLEEP, Doorbell
 from mpevent.shm.layout import (
     AGE_BUCKETS,
     C_DISPATCHED,
@@ -69,6 +69,7 @@ from mpevent.shm.layout import (
     S_LOOPS,
     S_PID,
     S_SLEEPING,
+    S_TABLE_GEN,
     STATE_RUNNING,
     STATE_STARTING,
 )
@@ -153,6 +154,8 @@ class Sender:
         self.writers = 0  # registrations that wait for POLLOUT: the loop must not nap
         self.timed: dict[Endpoint, int] = {}  # endpoint -> when its tick is due (monotonic ns)
         self.outbox = Outbox()
+        self._worked = False  # took records since it last slept: nap before sleeping
+        self._worked_at = 0  # monotonic ns: when it last took records
 
     # -- subscription table ---------------------------------------------
 
@@ -173,6 +176,7 @@ class Sender:
                 (address_of(note.prefix), len(note.prefix), address_of(note.bare), len(note.bare))
             )
         self._route(time.monotonic_ns())
+        self.words[self.my_word + S_TABLE_GEN] = self.table_gen  # routing with it from now on
 
     def _route(self, now_ns: int) -> None:
         routing, closed, retired = route(
@@ -255,10 +259,12 @@ class Sender:
                 self._watch(ep)
         self.store_counters()
 
-    def _poll(self, timeout_ms: float) -> None:
-        """Wait for the doorbell or for waiting endpoints; let those go on."""
+    def _poll(self, timeout_ms: float) -> bool:
+        """Wait for the doorbell or for waiting endpoints; let those go on.
+        Returns whether anything was ready (False: the time ran out)."""
         served = False
-        for fd, revents in self.poller.poll(timeout_ms):
+        ready = self.poller.poll(timeout_ms)
+        for fd, revents in ready:
             ep = self.waiting.get(fd)
             if ep is None:
                 continue  # the doorbell
@@ -267,6 +273,7 @@ class Sender:
             self._watch(ep)
         if served:
             self.store_counters()
+        return bool(ready)
 
     # -- the loop ---------------------------------------------------------
 
@@ -450,6 +457,8 @@ class Sender:
                 break  # drain time is up: what is left is counted as not sent
             if taken:
                 idle_since = 0
+                self._worked = True
+                self._worked_at = now
                 continue
             if stopping:
                 self._refresh_active(now)  # a lane claimed a moment ago counts too
@@ -486,16 +495,18 @@ class Sender:
         self._active_at = now + ACTIVE_REFRESH_NS
 
     def _sleep(self) -> None:
-        # Nap briefly a few times before sleeping for real. While events keep
-        # coming, producers never find the sender asleep (no doorbell
-        # syscall), and the sender takes them in batches instead of reading
-        # each lane's tail line right behind the producer writing it (which
-        # would cost the producer a cache miss per event). Not while an
-        # endpoint waits for its socket to be writable: then poll() must
+        # Nap briefly a few times before sleeping for real, after work only.
+        # While events keep coming, producers never find the sender asleep
+        # (no doorbell syscall), and the sender takes them in batches instead
+        # of reading each lane's tail line right behind the producer writing
+        # it (which would cost the producer a cache miss per event). Not
+        # after a sleep that found nothing (an idle sender wakes only every
+        # MAX_SLEEP, for the lost wake-up, and costs ~nothing), and not while
+        # an endpoint waits for its socket to be writable: then poll() must
         # wait for it. Endpoints that only watch for input (a stream's
         # replies, a closed connection) are polled between naps.
         active = [reader for _, reader in self.active]
-        if not self.writers:
+        if self._worked and not self.writers:
             for _ in range(NAPS):
                 time.sleep(NAP)
                 if self.waiting:
@@ -511,14 +522,18 @@ class Sender:
         if any(reader.pending() for reader in active):
             words[flag] = 0
             return
-        timeout = MAX_SLEEP * 1000
+        # Idle for a while: wake less often (see mpevent.shm.doorbell).
+        idle = time.monotonic_ns() - self._worked_at > IDLE_AFTER_NS
+        timeout = (IDLE_MAX_SLEEP if idle else MAX_SLEEP) * 1000
         deadline = self.routing.next_deadline_ns
         if self.timed:
             due = min(self.timed.values())
             deadline = min(deadline, due) if deadline else due
         if deadline:
             timeout = min(timeout, max(0.0, (deadline - time.monotonic_ns()) / 1e6))
-        self._poll(timeout)
+        rang = self._poll(timeout)
         words[flag] = 0
-        self.doorbell.drain()
-        self._active_at = 0  # woken up: maybe by a producer on a new lane
+        self._worked = False
+        if rang:
+            self.doorbell.drain()
+            self._active_at = 0  # woken up: maybe by a producer on a new lane

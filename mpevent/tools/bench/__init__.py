@@ -21,6 +21,9 @@ One module per section, each with the processes it runs:
 * :mod:`.fanout` 3. fan-out to 1, 8 and 64 subscribers;
 * :mod:`.latency` 4. raise-to-receive latency at 10, 50 and 90 % of capacity;
 * :mod:`.memory` 5. peak RSS and USS per process and role, the segment's size.
+* :mod:`.transports` 6. tcp: and rabbitmq: delivered/s and CPU per event against each
+  one's raw loop (a bare send loop; pika's publish loop with confirms), and the producer's
+  cost per subscriber kind.
 
 and around them: :mod:`.config` (the payload and how much a run does),
 :mod:`.extras` (the optional pipelines and mpevent's fast paths a run

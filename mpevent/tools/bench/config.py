@@ -41,6 +41,9 @@ class Config:
     fanout_subscribers: tuple[int, ...] = (1, 8, 64)
     latency_loads: tuple[float, ...] = (0.1, 0.5, 0.9)
     run_timeout: float = 300.0
+    transport_rounds: int = 3  # section 6: rounds of each transport's runs
+    tcp_events: int = 500_000  # events per tcp: run (mpevent and the bare loop)
+    broker_events: int = 100_000  # events per rabbitmq: run (mpevent and pika's loop)
 
 
 CONFIGS = {
@@ -70,6 +73,9 @@ CONFIGS = {
         capacity_events=24_000,
         idle_timeout=1.0,
         run_timeout=60.0,
+        transport_rounds=1,
+        tcp_events=50_000,
+        broker_events=10_000,
     ),
     # A few seconds: every section and case, tiny counts (the test suite's smoke test).
     "smoke": Config(
@@ -85,10 +91,13 @@ CONFIGS = {
         capacity_events=1000,
         idle_timeout=1.0,
         run_timeout=30.0,
+        transport_rounds=1,
+        tcp_events=2000,
+        broker_events=500,
     ),
 }
 
-SECTIONS = ("cost", "e2e", "fanout", "latency")
+SECTIONS = ("cost", "e2e", "fanout", "latency", "transports")
 # "mpevent" is the default fast path (compiled when the extension is built,
 # mpevent.COMPILED); "mpevent_pure" the pure-Python path beside it, run only
 # when the default is the compiled one.
@@ -104,4 +113,9 @@ PIPELINE_LABELS = {
     "faster_fifo": "faster_fifo.Queue",
     "bare": "bare sendto loop",
     "bare_connected": "bare send loop (connected)",
+    # section 6, transports (its own labels, longer, are in transports.LABELS)
+    "mpevent_tcp": "mpevent, tcp:",
+    "bare_tcp": "bare sendall loop, tcp:",
+    "mpevent_rabbitmq": "mpevent, rabbitmq:",
+    "pika_select": "pika SelectConnection loop",
 }

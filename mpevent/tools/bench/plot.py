@@ -1,4 +1,4 @@
-"""The chart: the first four sections of a run's results in one PNG (``--plot``).
+"""The chart: sections 1-4 and 6 of a run's results in one PNG (``--plot``).
 
 matplotlib is optional (``pip install 'mpevent[bench]'``): without it no
 chart is written and :func:`plot` returns a note saying so.
@@ -21,7 +21,7 @@ def plot(results: dict[str, Any], path: str) -> str | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return "matplotlib not installed (pip install 'mpevent[bench]'): no chart written"
-    fig, axes = plt.subplots(2, 2, figsize=(13, 9))
+    fig, axes = plt.subplots(3, 2, figsize=(13, 13.5))
     fig.suptitle(f"mpevent benchmark ({results['meta']['mode']}, {results['meta']['cpus']} CPUs)")
     ax = axes[0][0]
     cost = results.get("producer_cost")
@@ -103,7 +103,39 @@ def plot(results: dict[str, Any], path: str) -> str | None:
         ax.set_ylabel("us")
         ax.set_title("4. raise-to-receive latency")
         ax.legend(fontsize=7)
+    _plot_transports(results.get("transports"), axes[2])
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return None
+
+
+def _plot_transports(section: dict[str, Any] | None, axes: Any) -> None:
+    """Section 6: each transport's rate and CPU per event beside its raw loop's."""
+    if not section:
+        return
+    transports = list(dict.fromkeys(r["transport"] for r in section["summary"]))
+    ticks = [f"{t}:" for t in transports]
+    for ax, key, unit in (
+        (axes[0], "rate", "delivered events/s"),
+        (axes[1], "cpu_us_total", "CPU us per delivered event"),
+    ):
+        for i, (side, offset) in enumerate((("mpevent", -0.2), ("raw loop", 0.2))):
+            values = [
+                next(
+                    (
+                        r[key]
+                        for r in section["summary"]
+                        if r["transport"] == t and r["pipeline"].startswith("mpevent") == (i == 0)
+                    ),
+                    0,
+                )
+                for t in transports
+            ]
+            ax.bar([j + offset for j in range(len(transports))], values, 0.4, label=side)
+        ax.set_xticks(list(range(len(transports))), ticks)
+        ax.set_yscale("log")
+        ax.set_ylabel(unit)
+        ax.legend(fontsize=7)
+    axes[0].set_title("6. transports: delivered rate")
+    axes[1].set_title("6. transports: CPU per event (peer included)")

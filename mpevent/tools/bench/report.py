@@ -195,6 +195,50 @@ def _e2e_targets(e2e: list[dict[str, Any]]) -> list[tuple[str, str, float, Any]]
     ]
 
 
+def _transport_targets(section: dict[str, Any]) -> list[tuple[str, str, float, Any]]:
+    """Section 6's targets: each transport's delivered rate against its own raw
+    loop (the default path only), and the producer's cost with a tcp: or
+    rabbitmq: subscriber at most 10 % above a udp: one's (both paths; the
+    producer never learns the transport, so a cheaper figure is noise)."""
+    summary = section.get("summary", [])
+    cost = section.get("producer_cost", {}).get("cases", {})
+    ran = bool(section)
+
+    def rate(transport: str, raw: str, what: str) -> tuple[str, str, float, Any]:
+        def measure(sfx: str) -> tuple[float | None, str, bool, str]:
+            mine = find(summary, pipeline=f"mpevent_{transport}")
+            other = find(summary, pipeline=raw)
+            if sfx or not mine or not other:
+                note = f"{transport} not run" if ran and not sfx else ""
+                return None, "-", True, note
+            figure = (
+                f"{fmt_num(mine['rate'])} vs {fmt_num(other['rate'])} ev/s, "
+                f"mpevent lost {mine['lost']}"
+            )
+            return ratio(mine["rate"], other["rate"]), figure, mine["lost"] == 0, ""
+
+        name = f"{transport}: delivered >= 0.8 x {what}, 0 lost"
+        return name, ">=", 0.8, measure
+
+    def same_cost(kind: str) -> tuple[str, str, float, Any]:
+        def measure(sfx: str) -> tuple[float | None, str, bool, str]:
+            mine, udp = cost.get(f"raise_1_{kind}{sfx}"), cost.get(f"raise_1_udp{sfx}")
+            if not mine or not udp:
+                return None, "-", True, f"{kind} not run" if ran and udp else ""
+            figure = f"{fmt_num(mine['median'])} ns vs {fmt_num(udp['median'])} ns"
+            return ratio(mine["median"], udp["median"]), figure, True, ""
+
+        name = f"raise_event 1 {kind}: subscriber <= 1.1 x 1 udp: subscriber"
+        return name, "<=", 1.1, measure
+
+    return [
+        rate("tcp", "bare_tcp", "a bare send loop of the same bytes"),
+        rate("rabbitmq", "pika_select", "pika's own publish loop with confirms"),
+        same_cost("tcp"),
+        same_cost("rabbitmq"),
+    ]
+
+
 def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     """The issue's targets, each with its measured ratio and PASS/MISS (n/a when not run).
 
@@ -206,7 +250,8 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     cost = results.get("producer_cost", {}).get("cases", {})
     e2e = results.get("end_to_end", {}).get("summary", [])
     out = []
-    for name, op, limit, measure in [*_cost_targets(cost), *_e2e_targets(e2e)]:
+
+    def add(name: str, op: str, limit: float, measure: Any) -> None:
         shown = compiled if compiled is not None else pure
         value, figure, ok, note = measure(shown)
         if compiled is None:
@@ -215,6 +260,9 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         row = target(name, value, op, limit, figure, ok=ok, note=note)
         row["pure"] = measure(pure)[0] if pure is not None else None
         out.append(row)
+
+    for args in [*_cost_targets(cost), *_e2e_targets(e2e)]:
+        add(*args)
     lat = results.get("latency", {}).get("loads", [])
     half = find(lat, load=0.5)
     p99_ms = half["p99_ns"] / 1e6 if half else None
@@ -229,7 +277,76 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         )
     )
     out[-1]["pure"] = None
+    for args in _transport_targets(results.get("transports", {})):
+        add(*args)
     return out
+
+
+TRANSPORT_ROLES = ("producer", "sender", "relay", "hub", "peer")
+
+
+def render_transports(section: dict[str, Any]) -> str:
+    """Section 6: each transport beside its raw loop, then the producer's cost per
+    subscriber kind."""
+    rows = []
+    for r in section["summary"]:
+        cpu = r["cpu_us_per_event"]
+        raw = r["pipeline"] in ("bare_tcp", "pika_select")
+        rows.append(
+            [
+                f"{r['transport']}:",
+                r["label"],
+                fmt_num(r["rate"]),
+                "" if raw else fmt_ratio(r["x_raw"]),
+                f"{r['delivered']}/{r['events']}",
+                *(fmt_num(cpu.get(role), 2) if role in cpu else "" for role in TRANSPORT_ROLES),
+                fmt_num(r["cpu_us_total"], 2),
+                "" if raw else fmt_ratio(r["cpu_x_raw"]),
+            ]
+        )
+    broker = section.get("broker") or "no broker"
+    text = format_table(
+        ["transport", "pipeline", "events/s", "x raw", "delivered", *TRANSPORT_ROLES, "total",
+         "x raw"],
+        rows,
+        align="llrrr" + "r" * (len(TRANSPORT_ROLES) + 2),
+        rule=True,
+        title=(
+            f"6. transports, against each one's raw loop ({section['rounds']} round(s); "
+            f"tcp: {section['tcp_events']} events, rabbitmq: {section['broker_events']} events "
+            f"to one queue of a private {broker}, window {section['window']}; median events/s, "
+            "CPU us per delivered event; peer: the stream reader, or the broker)"
+        ),
+    )  # fmt: skip
+    for r in section["summary"]:
+        if r["transport"] == "tcp" and not r["bytes_ok"]:
+            text += f"\n  {r['label']}: the reader did not get the exact bytes sent"
+        if r["transport"] == "rabbitmq" and not r["in_queue_ok"]:
+            text += f"\n  {r['label']}: messages in the queue after each run {r['in_queue']}"
+    cost = section.get("producer_cost")
+    if cost:
+        rows = [
+            [
+                c["label"],
+                fmt_num(c["median"]),
+                fmt_num(c["p99"]),
+                fmt_ratio(c.get("x_udp"), 3) if case != "timer" else "",
+                fmt_num(c["cpu_ns"]),
+            ]
+            for case, c in cost["cases"].items()
+        ]
+        text += "\n\n" + format_table(
+            ["case", "median ns", "p99 ns", "x udp", "CPU ns/call"],
+            rows,
+            align="lrrrr",
+            rule=True,
+            title=(
+                f"   producer cost per call with 1 subscriber of each transport "
+                f"({cost['rounds']} rounds x {cost['calls_per_round']} calls per case, timed as "
+                f"in 1.)"
+            ),
+        )
+    return text
 
 
 def render_report(results: dict[str, Any]) -> str:
@@ -472,6 +589,10 @@ def render_report(results: dict[str, Any]) -> str:
                 rule=True,
             )
         )
+
+    tr = results.get("transports")
+    if tr:
+        parts.append(render_transports(tr))
 
     rows = [
         [

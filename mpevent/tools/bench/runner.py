@@ -31,6 +31,7 @@ from mpevent.tools.bench.latency import latency
 from mpevent.tools.bench.memory import MemoryMonitor, memory
 from mpevent.tools.bench.plot import plot
 from mpevent.tools.bench.report import render_report, targets, write_json
+from mpevent.tools.bench.transports import transports
 
 
 def build_parser(
@@ -43,7 +44,7 @@ def build_parser(
         description="Benchmark mpevent (its compiled and pure-Python paths) against inline "
         "sendto, orjson alone, pyzmq, a sender thread per producer, multiprocessing.Queue "
         "and faster_fifo: producer cost, end-to-end throughput and loss, fan-out, latency, "
-        "memory.",
+        "memory; and its tcp: and rabbitmq: transports against their own raw loops.",
     )
     parser.add_argument("--quick", action="store_true", help="short run (CI smoke, < 1 min)")
     parser.add_argument(
@@ -87,6 +88,7 @@ def run(cfg: Config, sections: Sequence[str], seed: int = 1, use_faster_fifo: bo
         ("e2e", "end_to_end", lambda: end_to_end(cfg, monitor, extras, rng)),
         ("fanout", "fanout", lambda: fanout(cfg, monitor, rng)),
         ("latency", "latency", lambda: latency(cfg, monitor, rng)),
+        ("transports", "transports", lambda: transports(cfg, monitor, extras, rng, notes)),
     )
     background: dict[str, float | None] = {}
     for key, name, step in steps:

@@ -10,6 +10,7 @@ notifications that arrive. ``demo`` runs :mod:`mpevent.tools.demo`. Every other
 subcommand is one MI call:
 
 ==============================================  ==========================
+``publish EVENT...``                            ``event_publish``
 ``subscribe EVENT SOCKET [EXPIRE]``             ``event_subscribe``
 ``unsubscribe EVENT SOCKET``                    ``event_subscribe`` expire 0
 ``events``                                      ``events_list``
@@ -17,7 +18,12 @@ subcommand is one MI call:
 ``raise EVENT [KEY=VALUE ...]``                 ``raise_event``
 ``stats [NAME ...] [--watch [SECONDS]]``        ``get_statistics``
 ``ps``                                          ``ps``
+``version`` (and ``--version``)                 ``version``
 ==============================================  ==========================
+
+(The calls use the names OpenSIPS 3 and 4 both answer; ``subscribe`` and
+``unsubscribe`` also ask ``subscribers_list``, to say whether a subscription
+was refreshed, or was not there to remove.)
 
 The MI address comes from ``--mi``, else ``$MPEVENT_MI``, else the default
 hub's UNIX socket (``$XDG_RUNTIME_DIR/mpevent/mpevent.sock``) if it exists,

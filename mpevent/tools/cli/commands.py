@@ -2,7 +2,10 @@
 
 This module owns what a subcommand does: the MI calls through the chosen
 client (a socket error on the way counts as no answer from the hub), printing
-tables or JSON, the ``stats --watch`` loop, the ``listen`` socket (bound here,
+tables or JSON, the look-ups that let ``subscribe`` say it refreshed an
+existing subscription and ``unsubscribe`` say there was none, the hint an
+unknown event's error gets, ``publish`` and ``version`` (and ``--version``),
+the ``stats --watch`` loop, the ``listen`` socket (bound here,
 and its UNIX socket file removed on exit only if it is still the one bound;
 for ``tcp:`` a listener whose connections' streams are split into JSON texts),
 and handing ``demo``, ``bench`` and ``serve`` to the programs that do them.
@@ -13,6 +16,7 @@ the text they parse and print is :mod:`mpevent.tools.cli.text`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import select
 import signal
@@ -26,7 +30,8 @@ from typing import Any
 
 import orjson
 
-from mpevent.api.client import MIUnavailable
+from mpevent import defaults
+from mpevent.api.client import MICallError, MIUnavailable
 from mpevent.protocol.destination import Destination
 from mpevent.protocol.jsonstream import JsonSplitter, JsonStreamError
 from mpevent.tools.cli.text import (
@@ -34,19 +39,26 @@ from mpevent.tools.cli.text import (
     EXIT_OK,
     UsageError,
     destination,
+    event_names,
     event_rows,
     format_notification,
     format_timestamp,
     listen_destination,
     make_client,
+    not_subscribed_line,
     parse_json_params,
     parse_kv,
     pick_mi_address,
     process_rows,
+    published_line,
+    refreshed_line,
+    shown_socket,
     stat_rates,
     stats_table,
     stream_reply,
     subscriber_rows,
+    unknown_event_hint,
+    version_lines,
 )
 from mpevent.tools.figures import format_table
 
@@ -98,20 +110,124 @@ def _done(args: argparse.Namespace, result: Any, message: str) -> int:
     return EXIT_OK
 
 
+@contextlib.contextmanager
+def _hint_unknown_event(event: str):
+    """An error for an event the hub does not know says how to publish it."""
+    try:
+        yield
+    except MICallError as exc:
+        hinted = unknown_event_hint(exc.message, event)
+        if hinted is None:
+            raise
+        raise MICallError(exc.code, hinted) from None
+
+
+def _subscription(mi: _MI, event: str, socket: str) -> dict[str, Any] | None:
+    """The hub's subscription of ``socket`` (any spelling of it) to ``event``, or None."""
+    try:
+        return mi.call("subscribers_list", [event, socket])["Event"]["Subscriber"]
+    except MICallError as exc:
+        if exc.code == 404:  # "Subscriber not found"
+            return None
+        raise
+
+
 def subscribe(args: argparse.Namespace) -> int:
     destination(args.socket)
-    params = [args.event, args.socket] + ([] if args.expire is None else [args.expire])
-    result = _MI(args).call("event_subscribe", params)
-    expire = "the default time" if args.expire is None else f"{args.expire} s"
     if args.expire == 0:
-        return _done(args, result, f"unsubscribed {args.socket} from {args.event}")
-    return _done(args, result, f"subscribed {args.socket} to {args.event} for {expire}")
+        return unsubscribe(args)
+    params = [args.event, args.socket] + ([] if args.expire is None else [args.expire])
+    mi = _MI(args)
+    with _hint_unknown_event(args.event):
+        # The MI answers "OK" either way, as OpenSIPS does: ask before and
+        # after, so that a refresh is not reported as a new subscription.
+        before = _subscription(mi, args.event, args.socket)
+        result = mi.call("event_subscribe", params)
+        after = _subscription(mi, args.event, args.socket) if before is not None else None
+    shown = shown_socket(args.socket)
+    if before is not None:
+        return _done(args, result, refreshed_line(shown, args.event, after or before))
+    expire = "the default time" if args.expire is None else f"{args.expire} s"
+    return _done(args, result, f"subscribed {shown} to {args.event} for {expire}")
 
 
 def unsubscribe(args: argparse.Namespace) -> int:
     destination(args.socket)
-    result = _MI(args).call("event_subscribe", [args.event, args.socket, 0])
-    return _done(args, result, f"unsubscribed {args.socket} from {args.event}")
+    mi = _MI(args)
+    with _hint_unknown_event(args.event):
+        # expire 0 answers "OK" for a subscription that does not exist (as in
+        # OpenSIPS); the command says there was none, and fails.
+        before = _subscription(mi, args.event, args.socket)
+        if before is None:
+            gone = not_subscribed_line(shown_socket(args.socket), args.event)
+            print(f"mpevent: {gone}", file=sys.stderr)
+            return EXIT_CALL_ERROR
+        result = mi.call("event_subscribe", [args.event, args.socket, 0])
+    socket_ = before.get("socket", shown_socket(args.socket))
+    return _done(args, result, f"unsubscribed {socket_} from {args.event}")
+
+
+def publish(args: argparse.Namespace) -> int:
+    names = event_names(args.events)  # all checked before any is declared
+    mi = _MI(args)
+    known = [e.get("name") for e in mi.call("events_list").get("Events", [])]
+    for name in names:
+        result = mi.call("event_publish", [name])
+        if args.json:
+            _print_json(result)
+        else:
+            print(published_line(result, known))
+    return EXIT_OK
+
+
+VERSION_FLAG_TIMEOUT = 0.5  # ``--version`` asks the hub, but is not made to wait for one
+
+
+def version(args: argparse.Namespace, flag: bool = False) -> int:
+    """``mpevent version`` (no hub answering: exit 3) and ``mpevent --version``
+    (exit 0 whatever the hub does: it is first the library's version)."""
+    from mpevent.processes import fastpath
+
+    library, path = defaults.version(), fastpath.describe()
+    if flag:
+        args.timeout = min(args.timeout, VERSION_FLAG_TIMEOUT)
+    try:
+        mi = _MI(args)
+    except UsageError as exc:
+        if not flag:
+            raise
+        print("\n".join(version_lines(library, path, None, "")), flush=True)
+        print(f"mpevent: cannot ask a hub: {exc}", file=sys.stderr)
+        return EXIT_OK
+    hub: dict[str, Any] | None = None
+    problem: Exception | None = None
+    try:
+        hub = mi.call("version")
+    except (MICallError, MIUnavailable) as exc:
+        problem = exc
+    if args.json:
+        _print_json(
+            {
+                "version": library,
+                "compiled": fastpath.COMPILED,
+                "producer_path": path,
+                "hub": hub,
+                "mi": mi.address,
+            }
+        )
+    else:
+        print("\n".join(version_lines(library, path, hub, mi.address)), flush=True)
+    if problem is None:
+        return EXIT_OK
+    if flag:
+        origin = f" (the {mi.source} address)"
+        if isinstance(problem, MICallError):
+            said = f"answered error {problem.code}: {problem.message}"
+        else:
+            said = "did not answer"
+        print(f"mpevent: the hub at {mi.address}{origin} {said}", file=sys.stderr)
+        return EXIT_OK
+    raise problem
 
 
 def events(args: argparse.Namespace) -> int:
@@ -130,7 +246,8 @@ def subscribers(args: argparse.Namespace) -> int:
         if args.socket is not None:
             destination(args.socket)
             params.append(args.socket)
-    result = _MI(args).call("subscribers_list", params)
+    with _hint_unknown_event(args.event or ""):
+        result = _MI(args).call("subscribers_list", params)
     if args.json:
         _print_json(result)
     else:
@@ -147,7 +264,8 @@ def raise_event(args: argparse.Namespace) -> int:
     else:
         params = parse_kv(args.params) or None
     call = {"event": args.event} if params is None else {"event": args.event, "params": params}
-    result = _MI(args).call("raise_event", call)
+    with _hint_unknown_event(args.event):
+        result = _MI(args).call("raise_event", call)
     return _done(args, result, f"raised {args.event}")
 
 
@@ -186,11 +304,19 @@ def stats(args: argparse.Namespace) -> int:
 
 
 def ps(args: argparse.Namespace) -> int:
-    result = _MI(args).call("ps")
+    mi = _MI(args)
+    result = mi.call("ps")
     if args.json:
         _print_json(result)
-    else:
-        print(format_table(("PID", "TYPE", "CPU", "RSS"), process_rows(result), align="rlrr"))
+        return EXIT_OK
+    # Two samples, --interval apart: what each process costs now (an idle
+    # hub's processes should show 0.0%), beside its CPU time so far.
+    earlier, start = result, time.monotonic()
+    if args.interval > 0:
+        time.sleep(args.interval)
+        result = mi.call("ps")
+    rows = process_rows(result, earlier, time.monotonic() - start if args.interval > 0 else 0)
+    print(format_table(("PID", "TYPE", "CPU", "CPU NOW", "RSS"), rows, align="rlrrr"))
     return EXIT_OK
 
 
@@ -401,6 +527,7 @@ def serve(args: argparse.Namespace) -> int:
         "mi.udp": args.mi_udp,
         "mi.unix": args.mi_unix,
         "mi.http": args.mi_http,
+        "mi.fifo": args.mi_fifo,
         "log.level": args.log_level,
     }
     return daemon.serve(args.config, overrides)

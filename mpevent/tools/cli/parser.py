@@ -11,6 +11,7 @@ that went away (0, quietly). The subcommands themselves are
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 from collections.abc import Callable
@@ -31,7 +32,7 @@ from mpevent.tools.cli.text import (
 DEFAULT_TIMEOUT = 2.0
 _HINT = (
     "is `mpevent serve` running there? Give its MI address with --mi ADDR or "
-    "MPEVENT_MI (udp:HOST:PORT, unix:/path or http://HOST:PORT/mi)"
+    "MPEVENT_MI (udp:HOST:PORT, unix:/path, http://HOST:PORT/mi or fifo:/path)"
 )
 
 
@@ -72,26 +73,12 @@ class _WatchAction(argparse.Action):
         namespace.watch = seconds
 
 
-class _VersionAction(argparse.Action):
-    """``--version``: the version and which producer path runs (``mpevent.COMPILED``),
-    looked up only when asked: the package metadata costs a command ~10 ms."""
-
-    def __init__(self, option_strings, dest=argparse.SUPPRESS, help=None):
-        super().__init__(option_strings, dest=dest, default=argparse.SUPPRESS, nargs=0, help=help)
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        from mpevent.processes import fastpath
-
-        print(f"mpevent {defaults.version()} ({fastpath.describe()})")
-        parser.exit()
-
-
 def _mi_options(parser: argparse.ArgumentParser, default: Any) -> None:
     parser.add_argument(
         "--mi",
         metavar="ADDR",
         default=default,
-        help="the hub's MI: udp:HOST:PORT, unix:/path or http://HOST:PORT/mi (env "
+        help="the hub's MI: udp:HOST:PORT, unix:/path, http://HOST:PORT/mi or fifo:/path (env "
         "MPEVENT_MI; default: the default hub's UNIX socket if it exists, else "
         f"{DEFAULT_MI_UDP})",
     )
@@ -123,15 +110,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--version",
-        action=_VersionAction,
-        help="print the version and whether the compiled fast path runs, then exit",
+        action="store_true",
+        help="print the version, whether the compiled fast path runs and the hub's "
+        "version if one answers (within 0.5 s), then exit 0",
     )
     _mi_options(parser, None)
     # The same options after the subcommand; SUPPRESS keeps them from
     # overwriting what was given before it.
     common = argparse.ArgumentParser(add_help=False)
     _mi_options(common, argparse.SUPPRESS)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # Not required by argparse: --version runs without one (main checks).
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     def command(name: str, func: Callable[[argparse.Namespace], int], text: str, **kw: Any):
         p = sub.add_parser(name, help=text, description=text, **kw)
@@ -149,6 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--mi-unix", metavar="PATH", help='MI on a UNIX socket ("" off)')
     p.add_argument("--mi-http", metavar="HOST:PORT", help="MI over HTTP POST /mi (default off)")
+    p.add_argument(
+        "--mi-fifo",
+        metavar="PATH",
+        help='MI on a FIFO, as OpenSIPS mi_fifo (default: NAME_fifo in the runtime dir; "" off)',
+    )
     p.add_argument("--log-level", choices=defaults.LOG_LEVELS)
 
     p = command(
@@ -156,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
         commands.subscribe,
         "subscribe a socket to an event (event_subscribe)",
         parents=[common],
+        epilog="A socket already subscribed (in any spelling: udp:localhost:9000 is "
+        "udp:127.0.0.1:9000) is not added again: its subscription is refreshed, the new "
+        "EXPIRE counting from now, and the command says so.",
     )
     p.add_argument("event", metavar="EVENT")
     p.add_argument("socket", metavar="SOCKET", help="udp:HOST:PORT, unix:/path or /path")
@@ -172,9 +169,19 @@ def build_parser() -> argparse.ArgumentParser:
         commands.unsubscribe,
         "remove a subscription (event_subscribe with expire 0)",
         parents=[common],
+        epilog="Exits 1, saying so, when SOCKET was not subscribed to EVENT.",
     )
     p.add_argument("event", metavar="EVENT")
     p.add_argument("socket", metavar="SOCKET")
+
+    p = command(
+        "publish",
+        commands.publish,
+        "declare events, so that they can be subscribed to and raised (evi:publish)",
+        parents=[common],
+        epilog="Publishing an event again is harmless: it keeps its id.",
+    )
+    p.add_argument("events", metavar="EVENT", nargs="+")
 
     command("events", commands.events, "list the published events (events_list)", parents=[common])
 
@@ -217,7 +224,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="redraw every SECONDS (default 1) with per-second rates, until Ctrl-C",
     )
 
-    command("ps", commands.ps, "list the hub's processes (ps)", parents=[common])
+    p = command("ps", commands.ps, "list the hub's processes (ps)", parents=[common])
+    p.add_argument(
+        "--interval",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="sample twice, this far apart, for each process's share of a core now "
+        "(CPU NOW; 0: one sample, no CPU NOW; default 1)",
+    )
+
+    command(
+        "version",
+        commands.version,
+        "the library's version, the producer path that runs, and the hub's version",
+        parents=[common],
+        epilog="Exits 3 when no hub answered (mpevent --version exits 0).",
+    )
 
     p = command(
         "listen",
@@ -261,8 +284,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
+        if not args.version and args.command is None:
+            parser.error("the following arguments are required: COMMAND")
     except SystemExit as exc:  # --help (0) or a usage error (2)
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    if args.version:  # whatever else was given
+        args.parser = parser
+        args.func = functools.partial(commands.version, flag=True)
     try:
         return args.func(args)
     except UsageError as exc:

@@ -2,10 +2,12 @@
 
 This module owns what the command reads and what it prints, with no sockets,
 no MI calls and no printing of its own: picking the MI address, parsing
-destinations and ``KEY=VALUE`` values, turning each MI result into table rows
-and a notification datagram into a line. It also owns the exit codes and
-:class:`UsageError`, which these parsers raise. The commands that do the I/O
-are :mod:`mpevent.tools.cli.commands`.
+destinations, event names and ``KEY=VALUE`` values, turning each MI result
+into table rows and a notification datagram into a line, and the sentences
+that say what a call really did (a refresh, an unsubscribe of nothing, an
+unknown event and how to publish it, the versions). It also owns the exit
+codes and :class:`UsageError`, which these parsers raise. The commands that
+do the I/O are :mod:`mpevent.tools.cli.commands`.
 """
 
 from __future__ import annotations
@@ -19,13 +21,14 @@ from typing import Any
 import orjson
 
 from mpevent import defaults
-from mpevent.api.client import MIClient, MIHttpClient
+from mpevent.api.client import MIClient, MIFifoClient, MIHttpClient
 from mpevent.protocol.destination import (
     Destination,
     DestinationError,
     StreamDestination,
     parse_destination,
 )
+from mpevent.protocol.payload import check_event_name
 from mpevent.tools.figures import format_table
 from mpevent.tools.figures import is_number as _is_number
 
@@ -53,8 +56,14 @@ def pick_mi_address(
     return DEFAULT_MI_UDP, "default"
 
 
-def make_client(address: str, timeout: float) -> MIClient | MIHttpClient:
-    """A client for ``udp:HOST:PORT``, ``unix:/path`` (or a bare path) or an http:// URL."""
+def make_client(address: str, timeout: float) -> MIClient | MIHttpClient | MIFifoClient:
+    """A client for ``udp:HOST:PORT``, ``unix:/path`` (or a bare path), an http://
+    URL or ``fifo:/path`` (the hub's FIFO, replies through ``/tmp``)."""
+    if address.startswith("fifo:"):
+        path = address.removeprefix("fifo:")
+        if not path.startswith("/"):
+            raise UsageError(f"MI address {address!r}: expected fifo:/absolute/path")
+        return MIFifoClient(path, timeout=timeout)
     scheme = address.partition("://")[0].lower() if "://" in address else ""
     if scheme == "http":
         try:
@@ -72,6 +81,70 @@ def destination(text: str, what: str = "") -> Destination:
         return parse_destination(text)
     except DestinationError as exc:
         raise UsageError(f"{what}: {exc}" if what else str(exc)) from None
+
+
+def shown_socket(text: str) -> str:
+    """A SOCKET argument as the command prints it: as typed, unless it holds a
+    password (``rabbitmq:bob:s3cret@...``), which is masked as the hub masks it."""
+    dest = destination(text)
+    return text if dest.spec() == str(dest) else str(dest)
+
+
+def event_names(names: Iterable[str]) -> list[str]:
+    """``publish``'s EVENT arguments, each checked before anything is declared."""
+    names = list(dict.fromkeys(names))
+    for name in names:
+        try:
+            check_event_name(name)
+        except (TypeError, ValueError) as exc:
+            raise UsageError(str(exc)) from None  # it names the event
+    return names
+
+
+def unknown_event_hint(message: str, event: str) -> str | None:
+    """The hub's error for an event nobody published, with the command that fixes
+    it; None for any other error. A hub started with no configuration knows no
+    events: the first ``subscribe`` meets this."""
+    if "unknown event" in message or message == "Event not registered":
+        return f"{message}; publish it first: mpevent publish {event}"
+    return None
+
+
+def published_line(result: Mapping[str, Any], known: Iterable[str]) -> str:
+    """One ``evi:publish`` result; ``known``: the events the hub had before."""
+    name, event_id = result.get("name"), result.get("id")
+    if name in set(known):
+        return f"{name} was already published (id {event_id})"
+    return f"published {name} (id {event_id})"
+
+
+def _expires(ttl: Any) -> str:
+    return "never expires" if ttl == "never" else f"expires in {ttl} s"
+
+
+def refreshed_line(given: str, event: str, stored: Mapping[str, Any]) -> str:
+    """What ``subscribe`` did when the socket was subscribed already: the
+    existing subscription (named as the hub stores it, which may be another
+    spelling of ``given``) got the new expire; nothing was added."""
+    socket = stored.get("socket", given)
+    same = "" if socket == given else f" ({given} is the same socket)"
+    expires = _expires(stored.get("ttl"))
+    return f"refreshed the subscription of {socket} to {event}{same}, now {expires}"
+
+
+def not_subscribed_line(socket: str, event: str) -> str:
+    return f"{socket} is not subscribed to {event}: there was nothing to unsubscribe"
+
+
+def version_lines(
+    library: str, path: str, hub: Mapping[str, Any] | None, address: str
+) -> list[str]:
+    """``mpevent version``: the library, the producer path that runs here, and
+    the hub's own answer to ``core:version`` (None: no hub answered)."""
+    lines = [f"mpevent {library} ({path})"]
+    if hub is not None:
+        lines.append(f"hub at {address}: {hub.get('Server', hub)}")
+    return lines
 
 
 def parse_scalar(text: str) -> Any:
@@ -147,16 +220,29 @@ def subscriber_rows(result: Mapping[str, Any]) -> list[tuple[Any, ...]]:
     return rows
 
 
-def process_rows(result: Mapping[str, Any]) -> list[tuple[Any, ...]]:
-    """``ps`` result to (pid, type, cpu, rss) rows, CPU in seconds, RSS human-readable."""
+def process_rows(
+    result: Mapping[str, Any],
+    earlier: Mapping[str, Any] | None = None,
+    seconds: float = 0.0,
+) -> list[tuple[Any, ...]]:
+    """``ps`` result to (pid, type, cpu, cpu %, rss) rows: CPU in seconds, RSS
+    human-readable, and the share of a core each process used between
+    ``earlier`` (a ``ps`` result ``seconds`` before) and this one ("" where
+    there is no earlier sample of that pid)."""
+    before = {p.get("PID"): p.get("CPU") for p in (earlier or {}).get("Processes", [])}
     rows = []
     for proc in result.get("Processes", []):
-        cpu, rss = proc.get("CPU"), proc.get("RSS")
+        pid, cpu, rss = proc.get("PID"), proc.get("CPU"), proc.get("RSS")
+        was = before.get(pid)
+        share = ""
+        if seconds > 0 and _is_number(cpu) and _is_number(was):
+            share = f"{100 * max(0.0, cpu - was) / seconds:.1f}%"
         rows.append(
             (
-                proc.get("PID"),
+                pid,
                 proc.get("Type"),
                 f"{cpu:.2f}s" if _is_number(cpu) else cpu,
+                share,
                 human_bytes(rss) if _is_number(rss) else rss,
             )
         )
