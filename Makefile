@@ -58,7 +58,7 @@ test: lint $(STAMP) broker-installed
 	@status=0; failed=; \
 	for vp in default $$($(OTHER_PYTHONS)); do \
 	  if [ "$$vp" = default ]; then args=; passes='$(PASSES)'; label="$$($(BIN)/python -V) in $(VENV)"; \
-	  else args="VENV=.venv-$${vp%%=*} PYTHON=$${vp#*=}"; passes='$(OTHER_PASSES)'; \
+	  else args="VENV=.venv-$${vp%%=*} PYTHON=$${vp#*=} BROKER_TESTS=no"; passes='$(OTHER_PASSES)'; \
 	    label="$${vp#*=} in .venv-$${vp%%=*}"; fi; \
 	  echo "== make test: $$label"; \
 	  $(MAKE) --no-print-directory suite $$args PASSES="$$passes" PYTEST_ARGS='$(PYTEST_ARGS)' \
@@ -70,15 +70,22 @@ test: lint $(STAMP) broker-installed
 # The suite on one interpreter: .venv, or VENV=.venv-X.Y PYTHON=/path/to/pythonX.Y,
 # once per pass: "compiled" (the fast path, when it was built: each pass says
 # which path runs) and "pure" (MPEVENT_NO_EXTENSIONS=1); PASSES="pure" for one.
+# The broker tests (marker "broker": the relay, the private broker, the chaos
+# suite's broker faults) run in the first pass of `make suite` only, and with
+# BROKER_TESTS=no in none: the broker and the relay are the same whatever the
+# interpreter or the producer's path, and they cost a minute and a half a pass.
+# `make test` runs them once, in .venv's compiled pass.
 PASSES ?= compiled pure
+BROKER_TESTS ?= first
 suite: $(STAMP) broker-installed
-	@status=0; for pass in $(PASSES); do \
+	@status=0; first=1; for pass in $(PASSES); do \
 	  case $$pass in compiled) off=;; pure) off=1;; \
 	    *) echo "make suite: unknown pass $$pass (compiled, pure)" >&2; exit 2;; esac; \
+	  broker=off; [ "$(BROKER_TESTS)" = first ] && [ -n "$$first" ] && broker=; first=; \
 	  path=$$(MPEVENT_NO_EXTENSIONS=$$off $(BIN)/python -c \
 	    'from mpevent.processes import fastpath; print(fastpath.describe())'); \
-	  echo "== $$pass pass ($$path)"; \
-	  MPEVENT_NO_EXTENSIONS=$$off $(BIN)/python -m pytest -q $(PYTEST_ARGS) || status=1; \
+	  echo "== $$pass pass ($$path$${broker:+; broker tests in the first pass only})"; \
+	  MPEVENT_BROKER=$$broker MPEVENT_NO_EXTENSIONS=$$off $(BIN)/python -m pytest -q $(PYTEST_ARGS) || status=1; \
 	done; exit $$status
 
 # `make sanitize`: the extension built with ASan and UBSan into build/sanitize

@@ -109,6 +109,20 @@ def daemon(tmp_path: Path) -> Iterator[Daemon]:
     assert code == 0, f"mpevent serve exited {code}:\n{d.log()}"
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark the tests that need a broker; with MPEVENT_BROKER=off (make test runs
+    them in one pass only: the broker is the same whatever the interpreter or
+    the producer's path) leave them out of this run, and say so."""
+    needing, others = [], []
+    for item in items:
+        if {"broker", "fresh_broker", "broker_runs"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.broker)
+        (needing if item.get_closest_marker("broker") else others).append(item)
+    if os.environ.get("MPEVENT_BROKER") == "off" and needing:
+        config.hook.pytest_deselected(items=needing)
+        items[:] = others
+
+
 def _require_broker() -> None:
     """Broker tests skip on a developer machine without RabbitMQ, and fail in CI."""
     ok, reason = available()
@@ -118,6 +132,12 @@ def _require_broker() -> None:
         pytest.fail(f"CI must run the broker tests: {reason}")
     hint = "" if "apt-get" in reason else f" (they need rabbitmq-server, {INSTALL_HINT}, and root)"
     pytest.skip(f"no private RabbitMQ broker: {reason}{hint}")
+
+
+@pytest.fixture
+def broker_runs() -> None:
+    """For a test that starts brokers of its own: skip (or, in CI, fail) where none can run."""
+    _require_broker()
 
 
 @pytest.fixture(scope="session")

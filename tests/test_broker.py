@@ -69,7 +69,7 @@ def _publish_confirmed(
         connection.close()
 
 
-def test_start_stop_leaves_nothing_behind() -> None:
+def test_start_stop_leaves_nothing_behind(broker_runs: None) -> None:
     broker = PrivateBroker()
     broker.start()
     try:

@@ -125,6 +125,14 @@ def test_mi_subscribe_with_hostile_sockets(daemon):
 
 # -- every MI method with random params -----------------------------------------
 
+
+def _containers_of(inner: st.SearchStrategy) -> st.SearchStrategy:
+    """Lists and objects of ``inner``. A named function, not a lambda:
+    hypothesis reads a lambda's source to check that it uses its argument,
+    and under pytest misread this one (a HypothesisDeprecationWarning)."""
+    return st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+
+
 json_values = st.recursive(
     st.none()
     | st.booleans()
@@ -132,9 +140,7 @@ json_values = st.recursive(
     | st.floats(allow_nan=False)
     | st.text(max_size=30)
     | st.sampled_from(["E_A", "udp:127.0.0.1:9", "unix:/tmp/x", "all", "-1", "0", "[[[", "{}"]),
-    lambda inner: (
-        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
-    ),
+    _containers_of,
     max_leaves=10,
 )
 FUZZ_PER_METHOD = 150

@@ -598,11 +598,18 @@ _scalars = (
     | st.text(max_size=12)
     | st.sampled_from(["E_A", "E_B", "udp:127.0.0.1:9000", "/tmp/x.sock", "all", "-1", "0"])
 )
+
+
+def _containers_of(inner: st.SearchStrategy) -> st.SearchStrategy:
+    """Lists and objects of ``inner``. A named function, not a lambda:
+    hypothesis reads a lambda's source to check that it uses its argument,
+    and under pytest misread this one (a HypothesisDeprecationWarning)."""
+    return st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+
+
 _json = st.recursive(
     _scalars,
-    lambda inner: (
-        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
-    ),
+    _containers_of,
     max_leaves=12,
 )
 _ids = st.none() | st.integers(-(2**31), 2**31) | st.text(max_size=8) | _json
