@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 .PHONY: demo test suite sanitize chaos bench bench-amqp broker-installed loadtest lint format clean
 
 # The compiled fast path is built by the install: a change to its sources installs again.
-EXT_SOURCES := setup.py mpevent/processes/_fastpath.c
+EXT_SOURCES := setup.py src/mpevent/processes/_fastpath.c
 
 $(STAMP): pyproject.toml $(EXT_SOURCES)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

@@ -50,7 +50,7 @@ class OptionalBuildExt(build_ext):
         for ext in self.extensions:
             filename = self.get_ext_filename(self.get_ext_fullname(ext.name))
             if not Path(self.build_lib, filename).exists():
-                Path(ROOT, filename).unlink(missing_ok=True)
+                Path(ROOT, "src", filename).unlink(missing_ok=True)
         super().copy_extensions_to_source()  # skips what is missing: the extension is optional
 
 
@@ -58,7 +58,7 @@ setup(
     ext_modules=[
         Extension(
             EXTENSION,
-            ["mpevent/processes/_fastpath.c"],
+            ["src/mpevent/processes/_fastpath.c"],
             extra_compile_args=["-Wall", "-Wextra", "-Wno-missing-field-initializers"],
             optional=True,  # and OptionalBuildExt says so in one line
         )

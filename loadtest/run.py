@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
             proxy, port = start_proxy(tmp, name, env, args.workers, args.pike_limit)
             say(f"mpevent.workers.sipproxy on udp:127.0.0.1:{port} with {args.workers} workers")
             code, agg = run_locust(
-                f"SIP-like requests to workers/sipproxy ({args.sip_users} users x "
+                f"SIP-like requests to mpevent.workers.sipproxy ({args.sip_users} users x "
                 f"{args.sip_rate:g} req/s, {args.sip_time:g} s, {args.processes} processes)",
                 "sip_locustfile.py",
                 ["--host", f"127.0.0.1:{port}", "--sip-rate", str(args.sip_rate)],

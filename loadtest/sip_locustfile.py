@@ -1,4 +1,4 @@
-"""Locust users that send SIP-like requests over UDP to the proxy of ``workers/``.
+"""Locust users that send SIP-like requests over UDP to the proxy of ``mpevent.workers``.
 
 Every request reaches a forked child of :mod:`mpevent.workers.sipproxy`, which raises
 ``E_SIP_REQUEST`` through mpevent and answers ``200 OK``: so the events of
@@ -62,7 +62,7 @@ def source_address(index: int) -> str:
 
 @events.init_command_line_parser.add_listener
 def _options(parser) -> None:
-    group = parser.add_argument_group("SIP-like requests to workers/sipproxy")
+    group = parser.add_argument_group("SIP-like requests to mpevent.workers.sipproxy")
     group.add_argument(
         "--sip-rate",
         type=float,
