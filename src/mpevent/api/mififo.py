@@ -49,6 +49,7 @@ from pathlib import Path
 import orjson
 
 from mpevent.protocol import mi
+from mpevent.protocol.jsonstream import CLOSED, MISMATCH, BracketScan
 
 log = logging.getLogger("mpevent.mififo")
 
@@ -74,11 +75,6 @@ _FORBIDDEN_IN_NAME = re.compile(rb"[./\\\x00\n]")
 # a malformed or abandoned request): a plausible reply name between colons,
 # then the JSON text's opening bracket.
 _CANDIDATE = re.compile(rb':[^:\s"{}\[\],]{0,255}:[ \t\r\n]*[{\[]')
-_STRUCTURE = re.compile(rb'[{}\[\]"]')
-_STRING_END = re.compile(rb'["\\]')
-_CLOSER = {ord("{"): ord("}"), ord("["): ord("]")}
-_QUOTE = ord('"')
-_BACKSLASH = ord("\\")
 
 
 @dataclass(frozen=True)
@@ -146,8 +142,7 @@ class FifoRequestSplitter:
         self._started: float | None = None  # when the unfinished request's first byte came
         self._json_start = -1  # offset of the JSON text's first byte in _buf
         self._pos = 0  # where scanning resumes in _buf
-        self._closers = bytearray()
-        self._in_string = False
+        self._brackets = BracketScan()
         self._oversized = 0  # > 0: skipping the rest of a text this long so far
 
     @property
@@ -270,7 +265,7 @@ class FifoRequestSplitter:
         if self._json_start < 0:
             while pos < end and buf[pos] in _SPACE:
                 pos += 1
-            if pos < end and buf[pos] not in _CLOSER:
+            if pos < end and not self._brackets.begin(buf[pos]):
                 self._abandon(
                     out, "Parse error: expected a JSON-RPC request after the reply name", pos
                 )
@@ -282,43 +277,14 @@ class FifoRequestSplitter:
                     return True
                 return False
             self._json_start = pos
-            self._closers.append(_CLOSER[buf[pos]])
             pos += 1
-        closers = self._closers
-        in_string = self._in_string
-        while pos < end:
-            if in_string:
-                found = _STRING_END.search(buf, pos)
-                if found is None:
-                    pos = end
-                    break
-                at = found.start()
-                if buf[at] == _BACKSLASH:
-                    pos = at + 2  # the escaped byte never ends the string
-                else:
-                    in_string = False
-                    pos = at + 1
-                continue
-            found = _STRUCTURE.search(buf, pos)
-            if found is None:
-                pos = end
-                break
-            at = found.start()
-            char = buf[at]
-            pos = at + 1
-            if char == _QUOTE:
-                in_string = True
-            elif char in _CLOSER:
-                closers.append(_CLOSER[char])
-            elif char != closers[-1]:
-                self._abandon(out, "Parse error: mismatched brackets", at)
-                return True
-            else:
-                closers.pop()
-                if not closers:
-                    self._complete(out, pos)
-                    return True
-        self._in_string = in_string
+        pos, state = self._brackets.scan(buf, pos, end)
+        if state == MISMATCH:
+            self._abandon(out, "Parse error: mismatched brackets", pos)
+            return True
+        if state == CLOSED:
+            self._complete(out, pos)
+            return True
         size = self._oversized + pos - self._json_start
         if size > self.max_request:
             if not self._oversized:

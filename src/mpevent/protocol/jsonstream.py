@@ -24,7 +24,15 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["DEFAULT_MAX_TEXT", "JsonSplitter", "JsonStreamError"]
+__all__ = [
+    "CLOSED",
+    "DEFAULT_MAX_TEXT",
+    "MISMATCH",
+    "MORE",
+    "BracketScan",
+    "JsonSplitter",
+    "JsonStreamError",
+]
 
 #: The default bound on one text: a notification (at most 65457 bytes) with
 #: room for an id, and the largest reply anyone should send.
@@ -37,71 +45,53 @@ _NOT_SPACE = re.compile(rb"[^ \t\r\n]")
 _CLOSER = {ord("{"): ord("}"), ord("["): ord("]")}
 _QUOTE = ord('"')
 _BACKSLASH = ord("\\")
+_OBJECT_CLOSE = ord("}")
+
+# What BracketScan.scan found.
+CLOSED, MISMATCH, MORE = range(3)
 
 
 class JsonStreamError(ValueError):
     """The stream is not a sequence of JSON texts within the bound."""
 
 
-class JsonSplitter:
-    """Feed it bytes as they arrive; it returns each JSON text once it is whole.
+class BracketScan:
+    """Where one JSON object or array ends, followed piece by piece.
 
-    After a :class:`JsonStreamError` the splitter is spent: :meth:`reset` it
-    (for a new stream) before feeding it again.
+    It knows only the brackets still open and whether it is inside a string
+    (where brackets and escaped quotes do not count): the one piece of JSON
+    syntax that says where a text ends. :class:`JsonSplitter` and the MI
+    FIFO's request splitter both read their texts with it.
     """
 
-    __slots__ = ("_buf", "_closers", "_in_string", "_pos", "_start", "max_text")
+    __slots__ = ("closers", "in_string")
 
-    def __init__(self, max_text: int = DEFAULT_MAX_TEXT) -> None:
-        if max_text < 2:
-            raise ValueError(f"max_text must be at least 2, got {max_text}")
-        self.max_text = max_text
-        self._buf = bytearray()
-        self._closers = bytearray()  # the brackets still open, as the closers they need
-        self._pos = 0  # where scanning resumes in _buf (past its end after a split escape)
-        self._start = -1  # where the unfinished text starts in _buf; -1: between texts
-        self._in_string = False
+    def __init__(self) -> None:
+        self.closers = bytearray()  # the brackets still open, as the closers they need
+        self.in_string = False
 
-    @property
-    def buffered(self) -> int:
-        """Bytes of an unfinished text held until the rest arrives."""
-        return len(self._buf)
+    def begin(self, opener: int) -> bool:
+        """Start a text at byte ``opener``; False when it is not ``{`` or ``[``."""
+        closer = _CLOSER.get(opener)
+        if closer is None:
+            return False
+        self.closers[:] = bytes((closer,))
+        self.in_string = False
+        return True
 
-    def reset(self) -> None:
-        """Forget everything: the next byte starts a new stream."""
-        self._buf.clear()
-        self._closers.clear()
-        self._pos = 0
-        self._start = -1
-        self._in_string = False
+    def open_bracket(self) -> str:
+        """The innermost bracket still open, as it was written."""
+        return "{" if self.closers and self.closers[-1] == _OBJECT_CLOSE else "["
 
-    def feed(self, data: bytes | bytearray | memoryview) -> list[bytes]:
-        """Take the next piece of the stream; return the texts it completed, in order."""
-        buf = self._buf
-        buf += data
-        texts: list[bytes] = []
-        closers = self._closers
-        pos = self._pos
-        start = self._start
-        in_string = self._in_string
-        end = len(buf)
+    def scan(self, buf: bytearray, pos: int, end: int) -> tuple[int, int]:
+        """Follow ``buf[pos:end]``, the text begun with :meth:`begin`. Returns
+        ``(after its last byte, CLOSED)``, ``(the offending byte, MISMATCH)``
+        for a closing bracket that does not match, or ``(where to resume,
+        MORE)``: past ``end`` when an escape's second byte is still to come."""
+        closers = self.closers
+        in_string = self.in_string
         while pos < end:
-            if start < 0:
-                found = _NOT_SPACE.search(buf, pos)
-                if found is None:
-                    pos = end
-                    break
-                at = found.start()
-                closer = _CLOSER.get(buf[at])
-                if closer is None:
-                    shown = bytes(buf[at : at + 20])
-                    raise JsonStreamError(
-                        f"expected a JSON object or array between texts, got {shown!r}"
-                    )
-                start = at
-                closers.append(closer)
-                pos = at + 1
-            elif in_string:
+            if in_string:
                 found = _STRING_END.search(buf, pos)
                 if found is None:
                     pos = end
@@ -112,30 +102,96 @@ class JsonSplitter:
                 else:
                     in_string = False
                     pos = at + 1
+                continue
+            found = _STRUCTURE.search(buf, pos)
+            if found is None:
+                pos = end
+                break
+            at = found.start()
+            char = buf[at]
+            pos = at + 1
+            if char == _QUOTE:
+                in_string = True
+            elif char in _CLOSER:
+                closers.append(_CLOSER[char])
+            elif char != closers[-1]:
+                self.in_string = False
+                return at, MISMATCH
             else:
-                found = _STRUCTURE.search(buf, pos)
+                closers.pop()
+                if not closers:
+                    self.in_string = False
+                    return pos, CLOSED
+        self.in_string = in_string
+        return pos, MORE
+
+
+class JsonSplitter:
+    """Feed it bytes as they arrive; it returns each JSON text once it is whole.
+
+    After a :class:`JsonStreamError` the splitter is spent: :meth:`reset` it
+    (for a new stream) before feeding it again.
+    """
+
+    __slots__ = ("_buf", "_pos", "_scan", "_start", "max_text")
+
+    def __init__(self, max_text: int = DEFAULT_MAX_TEXT) -> None:
+        if max_text < 2:
+            raise ValueError(f"max_text must be at least 2, got {max_text}")
+        self.max_text = max_text
+        self._buf = bytearray()
+        self._scan = BracketScan()
+        self._pos = 0  # where scanning resumes in _buf (past its end after a split escape)
+        self._start = -1  # where the unfinished text starts in _buf; -1: between texts
+
+    @property
+    def buffered(self) -> int:
+        """Bytes of an unfinished text held until the rest arrives."""
+        return len(self._buf)
+
+    def reset(self) -> None:
+        """Forget everything: the next byte starts a new stream."""
+        self._buf.clear()
+        self._scan = BracketScan()
+        self._pos = 0
+        self._start = -1
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[bytes]:
+        """Take the next piece of the stream; return the texts it completed, in order."""
+        buf = self._buf
+        buf += data
+        texts: list[bytes] = []
+        scan = self._scan
+        pos = self._pos
+        start = self._start
+        end = len(buf)
+        while pos < end:
+            if start < 0:
+                found = _NOT_SPACE.search(buf, pos)
                 if found is None:
                     pos = end
                     break
                 at = found.start()
-                char = buf[at]
-                pos = at + 1
-                if char == _QUOTE:
-                    in_string = True
-                elif char in _CLOSER:
-                    closers.append(_CLOSER[char])
-                elif char != closers[-1]:
+                if not scan.begin(buf[at]):
+                    shown = bytes(buf[at : at + 20])
                     raise JsonStreamError(
-                        f"{chr(char)!r} closes a {'{' if closers[-1] == ord('}') else '['!r}"
-                        f" at byte {at - start} of a text"
+                        f"expected a JSON object or array between texts, got {shown!r}"
                     )
-                else:
-                    closers.pop()
-                    if not closers:
-                        if pos - start > self.max_text:
-                            raise self._too_long(pos - start)
-                        texts.append(bytes(buf[start:pos]))
-                        start = -1
+                start = at
+                pos = at + 1
+                continue
+            pos, state = scan.scan(buf, pos, end)
+            if state == MISMATCH:
+                raise JsonStreamError(
+                    f"{chr(buf[pos])!r} closes a {scan.open_bracket()!r}"
+                    f" at byte {pos - start} of a text"
+                )
+            if state == MORE:
+                break
+            if pos - start > self.max_text:
+                raise self._too_long(pos - start)
+            texts.append(bytes(buf[start:pos]))
+            start = -1
         # Keep only the unfinished text, so the buffer never holds what was returned.
         if start < 0:  # then pos <= end: only an escape in a string skips past the end
             del buf[:pos]
@@ -148,7 +204,6 @@ class JsonSplitter:
                 raise self._too_long(len(buf))
         self._pos = pos
         self._start = start
-        self._in_string = in_string
         return texts
 
     def _too_long(self, size: int) -> JsonStreamError:

@@ -30,6 +30,7 @@ import random
 import socket
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import orjson
@@ -91,6 +92,67 @@ def _timed_calls(fn: Callable[..., Any], args: tuple[Any, ...], n: int, out: lis
         t0 = clock()
         fn(*args)
         append(clock() - t0)
+
+
+Cases = dict[str, tuple[Callable[..., Any], tuple[Any, ...]]]
+
+
+def time_rounds(
+    cases: Cases,
+    cfg: Config,
+    rng: random.Random,
+    settle: Callable[[], None],
+    monitor: Any,
+    after: Callable[[str], None] | None = None,
+) -> tuple[dict[str, list[int]], dict[str, list[float]]]:
+    """``cfg.cost_rounds`` rounds of every case in a new random order, each
+    case ``cfg.cost_sample`` calls timed one by one after ``settle()``: the
+    samples (ns per call) and the process CPU per call of each round, by case.
+    ``after(name)`` runs after a case's calls, untimed by the CPU figure too."""
+    names = list(cases)
+    samples: dict[str, list[int]] = {name: [] for name in names}
+    cpu: dict[str, list[float]] = {name: [] for name in names}
+    for _ in range(cfg.cost_rounds):
+        rng.shuffle(names)
+        for name in names:
+            settle()
+            fn, args = cases[name]
+            c0 = time.process_time_ns()
+            _timed_calls(fn, args, cfg.cost_sample, samples[name])
+            if after is not None:
+                after(name)
+            cpu[name].append((time.process_time_ns() - c0) / cfg.cost_sample)
+        monitor.sample()
+    settle()
+    return samples, cpu
+
+
+def net_of_timer(
+    samples: dict[str, list[int]], cpu: dict[str, list[float]], label: Callable[[str], str]
+) -> tuple[float, dict[str, dict[str, Any]]]:
+    """Each case's summary net of the ``timer`` case (the cost of timing a
+    call), and the timer's own: (timer median ns, results by case);
+    ``label(case)`` is the printed name of each."""
+    timer = median(samples["timer"])
+    timer_cpu = median(cpu["timer"])
+    results = {
+        name: {
+            "label": label(name),
+            # A call cheaper than the timer's own reference call (a compiled
+            # raise with nobody subscribed can be) is below what this method
+            # resolves: it nets to 0, never to a negative cost.
+            **summarize(max(v - timer, 0.0) for v in values),
+            "cpu_ns": max(median(cpu[name]) - timer_cpu, 0.0),
+        }
+        for name, values in samples.items()
+        if name != "timer"
+    }
+    results["timer"] = {
+        "label": label("timer"),
+        **summarize(samples["timer"]),
+        "cpu_ns": timer_cpu,
+    }
+    return timer, results
 
 
 class _Counted:
@@ -219,45 +281,17 @@ def producer_cost(cfg: Config, monitor: MemoryMonitor, extras: Extras, rng: rand
                 except BlockingIOError:
                     pass
 
-        names = list(cases)
-        samples: dict[str, list[int]] = {name: [] for name in names}
-        cpu: dict[str, list[float]] = {name: [] for name in names}
-        for _ in range(cfg.cost_rounds):
-            rng.shuffle(names)
-            for name in names:
-                settle()
-                fn, args = cases[name]
-                c0 = time.process_time_ns()
-                _timed_calls(fn, args, cfg.cost_sample, samples[name])
-                if name in counted:
-                    counted[name].put += cfg.cost_sample
-                if name in finish:
-                    finish[name]()
-                cpu[name].append((time.process_time_ns() - c0) / cfg.cost_sample)
-            monitor.sample()
-        settle()
+        def after(name: str) -> None:
+            if name in counted:
+                counted[name].put += cfg.cost_sample
+            if name in finish:
+                finish[name]()
+
+        samples, cpu = time_rounds(cases, cfg, rng, settle, monitor, after)
         totals = bus.stats()["totals"]
         shared_totals = shared_bus.stats()["totals"]
 
-    timer = median(samples["timer"])
-    timer_cpu = median(cpu["timer"])
-    results = {
-        name: {
-            "label": cost_label(name, extras.compiled),
-            # A call cheaper than the timer's own reference call (a compiled
-            # raise with nobody subscribed can be) is below what this method
-            # resolves: it nets to 0, never to a negative cost.
-            **summarize(max(v - timer, 0.0) for v in values),
-            "cpu_ns": max(median(cpu[name]) - timer_cpu, 0.0),
-        }
-        for name, values in samples.items()
-        if name != "timer"
-    }
-    results["timer"] = {
-        "label": cost_label("timer"),
-        **summarize(samples["timer"]),
-        "cpu_ns": timer_cpu,
-    }
+    timer, results = net_of_timer(samples, cpu, partial(cost_label, compiled=extras.compiled))
     inline_med = results["inline"]["median"]
     for r in results.values():
         r["x_inline"] = ratio(r["median"], inline_med)

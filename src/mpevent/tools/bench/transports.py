@@ -42,6 +42,7 @@ import random
 import socket
 import time
 from collections.abc import Callable, Iterable
+from functools import partial
 from typing import Any
 
 import psutil
@@ -55,12 +56,12 @@ from mpevent.shm.layout import R_CONNECTED
 from mpevent.tools.bench import amqp_clients
 from mpevent.tools.bench.bodies import mpevent_producer
 from mpevent.tools.bench.config import DATAGRAM, EVENT, PARAMS, PURE, Config
-from mpevent.tools.bench.cost import _timed_calls
+from mpevent.tools.bench.cost import net_of_timer, time_rounds
 from mpevent.tools.bench.cpu import CpuMark, other_cores
 from mpevent.tools.bench.extras import Extras, raiser
 from mpevent.tools.bench.memory import MemoryMonitor
 from mpevent.tools.bench.plumbing import CTX, Spawner, StartLine, udp_addr, udp_socket
-from mpevent.tools.figures import median, per_second, ratio, summarize
+from mpevent.tools.figures import median, per_second, ratio
 
 HOST = "127.0.0.1"
 MARK = b'{"jsonrpc"'  # how every notification starts: one per text
@@ -539,36 +540,13 @@ def transport_cost(
             except BlockingIOError:
                 pass
 
-        names = list(cases)
-        samples: dict[str, list[int]] = {name: [] for name in names}
-        cpu: dict[str, list[float]] = {name: [] for name in names}
-        for _ in range(cfg.cost_rounds):
-            rng.shuffle(names)
-            for name in names:
-                settle()
-                fn, args = cases[name]
-                c0 = time.process_time_ns()
-                _timed_calls(fn, args, cfg.cost_sample, samples[name])
-                cpu[name].append((time.process_time_ns() - c0) / cfg.cost_sample)
-            monitor.sample()
-        settle()
+        samples, cpu = time_rounds(cases, cfg, rng, settle, monitor)
         stats = bus.stats()
-    timer = median(samples["timer"])
-    timer_cpu = median(cpu["timer"])
-    results: dict[str, Any] = {
-        name: {
-            "label": cost_label(name, extras.compiled),
-            **summarize(max(v - timer, 0.0) for v in values),  # as section 1: never below 0
-            "cpu_ns": max(median(cpu[name]) - timer_cpu, 0.0),
-        }
-        for name, values in samples.items()
-        if name != "timer"
-    }
+    timer, results = net_of_timer(samples, cpu, partial(cost_label, compiled=extras.compiled))
     for name, r in results.items():
-        suffix = PURE if name.endswith(PURE) else ""
-        r["x_udp"] = ratio(r["median"], results[f"raise_1_udp{suffix}"]["median"])
-    results["timer"] = {"label": cost_label("timer"), **summarize(samples["timer"])}
-    results["timer"]["cpu_ns"] = timer_cpu
+        if name != "timer":
+            suffix = PURE if name.endswith(PURE) else ""
+            r["x_udp"] = ratio(r["median"], results[f"raise_1_udp{suffix}"]["median"])
     return {
         "rounds": cfg.cost_rounds,
         "calls_per_round": cfg.cost_sample,
