@@ -111,7 +111,7 @@ def daemon(tmp_path: Path) -> Iterator[Daemon]:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Mark the tests that need a broker; with MPEVENT_BROKER=off (make test runs
-    them in one pass only: the broker is the same whatever the interpreter or
+    them in a pass of their own: the broker is the same whatever the interpreter or
     the producer's path) leave them out of this run, and say so."""
     needing, others = [], []
     for item in items:
