@@ -163,6 +163,7 @@ def test_kill_then_restart_on_the_same_port_keeps_data(fresh_broker: PrivateBrok
         _publish_confirmed(broker, "mpevent-test-chaos", "k.chaos", range(50), persistent=True)
         assert len(consumer.wait_for(50, timeout=30)) >= 50
 
+        broker.sync_metadata()  # the queues just declared, on disk before the crash
         before = broker.pids()
         crashed = {pid for pid in before if psutil.Process(pid).name() != "epmd"}
         broker.kill()

@@ -429,6 +429,7 @@ def test_broker_killed_mid_stream_then_restarted(
             time.sleep(WARMUP)  # the first raise claims a lane; the sender's first wake-ups
             start = Mark.now()
             time.sleep(BEFORE)
+            fresh_broker.sync_metadata()  # the durable queue declared above survives the crash
             killed = Mark.now()
             fresh_broker.kill()
             assert wait_for(lambda: not _relay_connected(bus), timeout=10), "relay saw no loss"
@@ -539,6 +540,7 @@ def test_datagram_subscribers_while_the_broker_is_down(
             time.sleep(BEFORE)
             down = Mark.now()
             if how == "killed":
+                fresh_broker.sync_metadata()
                 fresh_broker.kill()
                 time.sleep(OUTAGE)
                 back = Mark.now()

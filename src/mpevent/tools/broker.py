@@ -201,6 +201,13 @@ class PrivateBroker:
                     raise
                 time.sleep(0.5)
 
+    def sync_metadata(self) -> None:
+        """Write the node's metadata log to disk now. Mnesia buffers it for a
+        moment (delayed write), so a queue declared less than ~2 s before a
+        :meth:`kill` may not survive it; confirmed persistent messages do
+        anyway (the broker syncs them before it confirms)."""
+        self.ctl("eval", "mnesia:sync_log().")
+
     def kill(self) -> None:
         """Crash the node: SIGKILL to every process it runs (epmd and the data stay)."""
         if self._server is None:
