@@ -28,7 +28,7 @@ from support import check_accounting, destination_stats, gone, raise_retrying, w
 
 from mpevent import EventBus, encode_notification
 from mpevent.processes import launch
-from mpevent.processes.relay import PREFIX, Entry, PublishQueue
+from mpevent.processes.relay import Entry, PublishQueue
 from mpevent.processes.sender.accounts import SubscriptionStats
 from mpevent.processes.sender.backlog import ENTRY_OVERHEAD, BacklogLimits
 from mpevent.protocol.destination import parse_destination
@@ -44,7 +44,7 @@ from mpevent.shm.layout import (
     STATE_STOPPED,
     Geometry,
 )
-from mpevent.shm.ring import LaneWriter
+from mpevent.shm.ring import HANDOFF_HEADER, LaneWriter
 from mpevent.shm.segment import Segment
 from mpevent.shm.table import store_registry
 from mpevent.tools.broker import Consumer, PrivateBroker
@@ -233,7 +233,7 @@ class HandOff:
     ) -> None:
         """One record for (slot, member, sub_id), raised ``raised_ns`` (0: now)."""
         raised_ns = raised_ns or time.monotonic_ns()
-        body = PREFIX.pack(slot, member, sub_id) + params
+        body = HANDOFF_HEADER.pack(slot, member, sub_id) + params
         deadline = time.monotonic() + 20
         while not self.lane.push(self.event_id, body, raised_ns):
             assert time.monotonic() < deadline, "the relay does not take from its lane"

@@ -20,13 +20,13 @@ from support import UdpSink
 from mpevent.processes.sender.accounts import GroupStats, SubscriptionStats
 from mpevent.processes.sender.backlog import BacklogBudget, BacklogLimits
 from mpevent.processes.sender.batch import LaneBatch
-from mpevent.processes.sender.handoff import PREFIX, HandoffEndpoint
+from mpevent.processes.sender.handoff import HandoffEndpoint
 from mpevent.processes.sender.mmsg import Outbox, address_of
 from mpevent.processes.sender.transports import Transports
 from mpevent.protocol.destination import parse_destination
 from mpevent.protocol.payload import Notification
 from mpevent.shm.layout import HANDOFF_PREFIX, R_CONNECTED, Geometry
-from mpevent.shm.ring import LaneReader
+from mpevent.shm.ring import HANDOFF_HEADER, LaneReader
 from mpevent.shm.segment import Segment
 
 NOTE = Notification("E_TEST")
@@ -183,7 +183,7 @@ def test_handoff_writes_slot_member_and_id_before_the_params_and_drops_when_full
     got = read_handoff(seg, 1)
     assert [g[0] for g in got] == [0, 0, 0] and {g[2] for g in got} == {RAISED_NS}
     for (_, body, _), params in zip(got, bodies(3), strict=True):
-        assert PREFIX.unpack(body[:HANDOFF_PREFIX]) == (3, 0, 42)
+        assert HANDOFF_HEADER.unpack(body[:HANDOFF_PREFIX]) == (3, 0, 42)
         assert body[HANDOFF_PREFIX:] == params
     assert read_handoff(seg, 0) == []  # the other relay's lane got nothing
     # Nobody reads: the lane fills, and what does not fit is dropped and counted.

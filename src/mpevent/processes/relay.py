@@ -54,7 +54,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import struct
 import time
 from collections import deque
 from collections.abc import Callable
@@ -83,7 +82,7 @@ from mpevent.shm.layout import (
     STATE_STARTING,
     STATE_STOPPED,
 )
-from mpevent.shm.ring import LaneReader
+from mpevent.shm.ring import HANDOFF_HEADER, LaneReader, raised_ns_at
 from mpevent.shm.segment import Segment
 from mpevent.shm.table import event_names, read_snapshot, table_generation
 
@@ -103,10 +102,6 @@ STOP_GRACE_NS = 1_000_000_000  # stopping: confirms awaited past the drain deadl
 PARENT_CHECK_NS = 100_000_000  # how often to ask whether the hub still lives
 CLOSE_TIMEOUT = 1.0  # stopping: the broker's close-ok awaited at most this long
 NACK = 0  # the errno given to SubscriptionStats.fail for a nack: none
-
-PREFIX = struct.Struct("<IIQ")  # a hand-off record's slot, member, subscription id
-assert PREFIX.size == HANDOFF_PREFIX
-_RAISED = struct.Struct("<Q")  # a record's raise time: the header word before its body
 
 
 class Entry:
@@ -485,7 +480,7 @@ class Relay:
         """The counters a record belongs to, or None: not ours (any more)."""
         if n < HANDOFF_PREFIX:
             return None
-        slot, member, sub_id = PREFIX.unpack_from(stretch, at)
+        slot, member, sub_id = HANDOFF_HEADER.unpack_from(stretch, at)
         stats = self.stats.get((slot, sub_id))
         if stats is None and table_generation(self.seg) != self.table_gen:
             # A sender hands events for a subscription only once it saw it
@@ -505,7 +500,7 @@ class Relay:
             if event_id >= len(self.notes):
                 return None
         body = self.notes[event_id].build(stretch[at + HANDOFF_PREFIX : at + n])
-        return Entry(stats, body, _RAISED.unpack_from(stretch, at - 8)[0])
+        return Entry(stats, body, raised_ns_at(stretch, at))
 
     # -- the periodic pass --------------------------------------------------------
 

@@ -46,10 +46,12 @@ still being read.
 from __future__ import annotations
 
 import platform
+import struct
 import threading
 
 from mpevent.shm.layout import (
     FLAG_WRAP,
+    HANDOFF_PREFIX,
     L_HEAD,
     L_TAIL,
     RECORD_HEADER_BYTES,
@@ -65,6 +67,18 @@ def fence() -> None:
     """A full memory barrier, for weakly ordered machines (see module doc)."""
     _fence_lock.acquire()
     _fence_lock.release()
+
+
+_RAISED = struct.Struct("<Q")
+#: A hand-off record's params are preceded by (slot u32, member u32, sub_id u64).
+HANDOFF_HEADER = struct.Struct("<IIQ")
+assert HANDOFF_HEADER.size == HANDOFF_PREFIX
+
+
+def raised_ns_at(buf: memoryview | bytes, body_at: int) -> int:
+    """A record's raise time, from a copy holding its header: the header's
+    second word, just before the body at ``body_at``."""
+    return _RAISED.unpack_from(buf, body_at - 8)[0]
 
 
 def record_span(body_len: int) -> int:

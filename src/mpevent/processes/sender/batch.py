@@ -13,13 +13,11 @@ Valid until the loop loads the next stretch into the outbox.
 
 from __future__ import annotations
 
-import struct
 from typing import NamedTuple
 
 from mpevent.processes.sender.mmsg import INTS_PER_MESSAGE, Outbox
 from mpevent.protocol.payload import Notification
-
-_RAISED = struct.Struct("<Q")  # a record's raise time: the word before its body
+from mpevent.shm.ring import raised_ns_at
 
 
 class Message(NamedTuple):
@@ -53,12 +51,15 @@ class LaneBatch:
         event_id, at, n = self.bodies[message]
         return self.notes[event_id].build(self.outbox.view[at : at + n])
 
+    def raised_ns(self, message: int) -> int:
+        """When message ``message`` was raised (its record header's second word)."""
+        return raised_ns_at(self.outbox.view, self.bodies[message][1])
+
     def message(self, message: int) -> Message:
         """Message ``message`` as a :class:`Message`, valid after the batch."""
         event_id, at, n = self.bodies[message]
-        view = self.outbox.view
-        params = bytes(view[at : at + n])
-        return Message(event_id, params, _RAISED.unpack_from(view, at - 8)[0], self.notes[event_id])
+        params = bytes(self.outbox.view[at : at + n])
+        return Message(event_id, params, self.raised_ns(message), self.notes[event_id])
 
     def pack(self, messages: list[int] | range) -> None:
         """Pack the outbox with ``messages``, in this order, for the endpoints."""

@@ -201,10 +201,7 @@ class DatagramEndpoint(Endpoint):
         owner.routed += 1
         datagram = message.notification()
         if self.backlog.datagrams:
-            if self.backlog.room(len(datagram)):
-                self.backlog.push(datagram, owner)
-            else:
-                owner.dropped += 1
+            self._keep_one(datagram, owner)  # behind what waits: order kept
             return
         if not self._connected():
             owner.fail(self.last_errno)
@@ -214,10 +211,7 @@ class DatagramEndpoint(Endpoint):
         try:
             self.sock.send(datagram)  # type: ignore[union-attr]
         except BlockingIOError:
-            if self.backlog.room(len(datagram)):
-                self.backlog.push(datagram, owner)
-            else:
-                owner.dropped += 1
+            self._keep_one(datagram, owner)
             return
         except OSError as exc:
             code = exc.errno or errno.EIO
@@ -228,6 +222,12 @@ class DatagramEndpoint(Endpoint):
             return
         owner.sent += 1
         owner.bytes += len(datagram)
+
+    def _keep_one(self, datagram: bytes, owner: SubscriptionStats) -> None:
+        if self.backlog.room(len(datagram)):
+            self.backlog.push(datagram, owner)
+        else:
+            owner.dropped += 1
 
     def _keep(self, batch: LaneBatch, messages: Sequence[int], start: int, ledger: Ledger) -> None:
         """Keep messages ``start..`` as datagrams until the socket is writable.

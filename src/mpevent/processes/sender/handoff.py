@@ -22,20 +22,15 @@ member takes them.
 from __future__ import annotations
 
 import errno
-import struct
 from collections.abc import Sequence
 
 from mpevent.processes.sender.accounts import Ledger, SubscriptionStats
 from mpevent.processes.sender.batch import LaneBatch, Message
 from mpevent.processes.sender.endpoints import Endpoint, Failed
 from mpevent.protocol.destination import Destination
-from mpevent.shm.layout import HANDOFF_PREFIX, R_CONNECTED
-from mpevent.shm.ring import LaneWriter
+from mpevent.shm.layout import R_CONNECTED
+from mpevent.shm.ring import HANDOFF_HEADER, LaneWriter
 from mpevent.shm.segment import Segment
-
-PREFIX = struct.Struct("<IIQ")  # slot, member, subscription id
-assert PREFIX.size == HANDOFF_PREFIX
-_RAISED = struct.Struct("<Q")  # a record's raise time: the word before its body (batch.py)
 
 
 class HandoffEndpoint(Endpoint):
@@ -69,7 +64,7 @@ class HandoffEndpoint(Endpoint):
     def send(self, batch: LaneBatch, messages: Sequence[int], ledger: Ledger) -> None:
         count = len(messages)
         ledger.count_routed(0, count)
-        if not self.hold_while_down and not self.words[self.connected_word]:
+        if self._refusing():
             ledger.count_failed(0, count, errno.ENOTCONN)
             if self.on_failed is not None:
                 for k, message in enumerate(messages):
@@ -77,28 +72,32 @@ class HandoffEndpoint(Endpoint):
             return
         view = batch.outbox.view
         push = self.writer.push
-        pack = PREFIX.pack
+        pack = HANDOFF_HEADER.pack
         for k, message in enumerate(messages):
             event_id, at, n = batch.bodies[message]
             owner = ledger.owner(k)
             body = pack(owner.slot, owner.index, owner.sub_id) + view[at : at + n]
-            if push(event_id, body, _RAISED.unpack_from(view, at - 8)[0]):
+            if push(event_id, body, batch.raised_ns(message)):
                 ledger.count_handed(k, k + 1)
             else:
                 ledger.count_dropped(k, k + 1)
 
     def send_message(self, message: Message, owner: SubscriptionStats) -> None:
         owner.routed += 1
-        if not self.hold_while_down and not self.words[self.connected_word]:
+        if self._refusing():
             owner.fail(errno.ENOTCONN)
             if self.on_failed is not None:
                 self.on_failed(message, owner, errno.ENOTCONN)
             return
-        body = PREFIX.pack(owner.slot, owner.index, owner.sub_id) + message.params
+        body = HANDOFF_HEADER.pack(owner.slot, owner.index, owner.sub_id) + message.params
         if self.writer.push(message.event_id, body, message.raised_ns):
             owner.handed += 1
         else:
             owner.dropped += 1
+
+    def _refusing(self) -> bool:
+        """A FAILOVER member whose relay has no broker connection: fail at once."""
+        return not self.hold_while_down and not self.words[self.connected_word]
 
     def wants(self) -> tuple[int, int] | None:
         return None
