@@ -506,6 +506,20 @@ class Hub:
                 pass
         return wanted
 
+    def _wait_stopped(
+        self, children: dict[int, tuple[int, subprocess.Popen[bytes]]], role: str, until_ns: int
+    ) -> None:
+        """Reap ``children`` (pid -> index, process) until none is left or
+        ``until_ns``; kill those still there."""
+        while children and time.monotonic_ns() < until_ns:
+            self._reap()
+            time.sleep(0.01)
+        for pid, (index, proc) in list(children.items()):
+            log.warning("%s %d (pid %d) did not stop in time; killing it", role, index, pid)
+            proc.kill()
+            proc.wait()
+            children.pop(pid, None)
+
     def _stop(self) -> int:
         if self._lifecycle is not None:
             self._lifecycle("stopping")
@@ -518,27 +532,13 @@ class Hub:
         words[H_STATE] = STATE_STOPPING
         for bell in self.doorbells:
             bell.ring()
-        grace = deadline + 2_000_000_000
-        while self.senders and time.monotonic_ns() < grace:
-            self._reap()
-            time.sleep(0.01)
-        for pid, (_, proc) in list(self.senders.items()):
-            log.warning("sender pid %d did not stop in time; killing it", pid)
-            proc.kill()
-            proc.wait()
-            self.senders.pop(pid, None)
+        self._wait_stopped(self.senders, "sender", deadline + 2_000_000_000)
         words[H_STATE] = STATE_STOPPED
         # The relays publish what the senders handed them until the drain
         # deadline, plus a second for confirms and one for closing the connection.
-        grace = max(deadline, time.monotonic_ns()) + RELAY_STOP_GRACE_NS
-        while self.relays and time.monotonic_ns() < grace:
-            self._reap()
-            time.sleep(0.01)
-        for pid, (slot, proc) in list(self.relays.items()):
-            log.warning("relay %d (pid %d) did not stop in time; killing it", slot, pid)
-            proc.kill()
-            proc.wait()
-            self.relays.pop(pid, None)
+        self._wait_stopped(
+            self.relays, "relay", max(deadline, time.monotonic_ns()) + RELAY_STOP_GRACE_NS
+        )
         for sock in self.mi_sockets:
             sock.close()  # their files belong to whoever bound them (the daemon)
         signal.set_wakeup_fd(-1)
